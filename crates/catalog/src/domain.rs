@@ -1,0 +1,442 @@
+//! The catalog's domain core: what a product is, which values are valid, and
+//! the SQL that stores it. REST and gRPC are two thin doors into this module;
+//! neither validates nor queries on its own, so the two transports cannot
+//! drift apart and a benchmark between them compares transports, not code.
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use futures::{Stream, StreamExt, TryStreamExt, stream};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// StreamProducts reads the table in keyset batches of this size, so a long
+/// stream never holds a transaction or a connection while the client reads.
+const STREAM_BATCH: u32 = 500;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
+pub struct Product {
+    /// UUID v7, assigned by the server.
+    pub id: Uuid,
+    /// 1–64 of `A-Z`, `0-9`, `-`; unique.
+    pub sku: String,
+    pub name: String,
+    pub description: String,
+    pub price_cents: i64,
+    /// ISO 4217 code, three upper-case letters.
+    pub currency: String,
+    pub tags: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The fields a client sends to create a product.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewProduct {
+    pub sku: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub price_cents: i64,
+    pub currency: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// A partial update: only the fields that are present change.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProductPatch {
+    pub sku: Option<String>,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub price_cents: Option<i64>,
+    pub currency: Option<String>,
+    pub tags: Option<Vec<String>>,
+}
+
+/// One page of a keyset-paginated listing.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Page {
+    pub products: Vec<Product>,
+    /// Pass back as `page_token` for the next page; `null` on the last page.
+    pub next_page_token: Option<String>,
+}
+
+/// Everything that can go wrong, in the catalog's own words. Each transport
+/// maps it once: to an HTTP status in `rest`, to a gRPC code in `grpc`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("no product with id {0}")]
+    NotFound(Uuid),
+    #[error("a product with sku {0:?} already exists")]
+    DuplicateSku(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(#[source] sqlx::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn invalid(field: &'static str, message: impl Into<String>) -> Error {
+    Error::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+fn validate_sku(sku: &str) -> Result<()> {
+    let ok_chars = sku
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-');
+    if sku.is_empty() || sku.len() > 64 || !ok_chars {
+        return Err(invalid("sku", "must be 1-64 characters of A-Z, 0-9 and -"));
+    }
+    Ok(())
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let len = name.chars().count();
+    if len == 0 || len > 200 || name.trim().is_empty() {
+        return Err(invalid("name", "must be 1-200 characters, not all blank"));
+    }
+    Ok(())
+}
+
+fn validate_description(description: &str) -> Result<()> {
+    if description.chars().count() > 2000 {
+        return Err(invalid("description", "must be at most 2000 characters"));
+    }
+    Ok(())
+}
+
+fn validate_price(price_cents: i64) -> Result<()> {
+    if !(0..=1_000_000_000).contains(&price_cents) {
+        return Err(invalid("price_cents", "must be between 0 and 1000000000"));
+    }
+    Ok(())
+}
+
+fn validate_currency(currency: &str) -> Result<()> {
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(invalid(
+            "currency",
+            "must be three upper-case letters, like EUR",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_tags(tags: &[String]) -> Result<()> {
+    if tags.len() > 20 {
+        return Err(invalid("tags", "at most 20 tags"));
+    }
+    if let Some(bad) = tags.iter().find(|t| t.is_empty() || t.chars().count() > 32) {
+        return Err(invalid(
+            "tags",
+            format!("each tag must be 1-32 characters, got {bad:?}"),
+        ));
+    }
+    Ok(())
+}
+
+impl NewProduct {
+    pub fn validate(&self) -> Result<()> {
+        validate_sku(&self.sku)?;
+        validate_name(&self.name)?;
+        validate_description(&self.description)?;
+        validate_price(self.price_cents)?;
+        validate_currency(&self.currency)?;
+        validate_tags(&self.tags)
+    }
+}
+
+impl ProductPatch {
+    pub fn validate(&self) -> Result<()> {
+        self.sku.as_deref().map(validate_sku).transpose()?;
+        self.name.as_deref().map(validate_name).transpose()?;
+        self.description
+            .as_deref()
+            .map(validate_description)
+            .transpose()?;
+        self.price_cents.map(validate_price).transpose()?;
+        self.currency
+            .as_deref()
+            .map(validate_currency)
+            .transpose()?;
+        self.tags.as_deref().map(validate_tags).transpose()?;
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sku.is_none()
+            && self.name.is_none()
+            && self.description.is_none()
+            && self.price_cents.is_none()
+            && self.currency.is_none()
+            && self.tags.is_none()
+    }
+}
+
+/// Product ids arrive as text on both transports.
+pub fn parse_id(id: &str) -> Result<Uuid> {
+    Uuid::parse_str(id).map_err(|_| invalid("id", format!("{id:?} is not a UUID")))
+}
+
+/// The page token is opaque to clients: the id of the last product served,
+/// base64url-encoded, so clients do not start building tokens themselves.
+fn encode_token(last: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(last.as_bytes())
+}
+
+fn decode_token(token: &str) -> Result<Uuid> {
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|bytes| Uuid::from_slice(&bytes).ok())
+        .ok_or_else(|| invalid("page_token", "not a token returned by this service"))
+}
+
+/// The catalog: validation plus storage, shared by both transports.
+#[derive(Clone)]
+pub struct Catalog {
+    pool: PgPool,
+}
+
+impl Catalog {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    #[tracing::instrument(skip_all, fields(product.sku = %new.sku))]
+    pub async fn create(&self, new: NewProduct) -> Result<Product> {
+        new.validate()?;
+        sqlx::query_as(
+            "INSERT INTO products (id, sku, name, description, price_cents, currency, tags)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             RETURNING id, sku, name, description, price_cents, currency, tags, created_at, updated_at",
+        )
+        .bind(Uuid::now_v7())
+        .bind(&new.sku)
+        .bind(&new.name)
+        .bind(&new.description)
+        .bind(new.price_cents)
+        .bind(&new.currency)
+        .bind(&new.tags)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|err| self.db_error(err, Some(&new.sku)))
+    }
+
+    #[tracing::instrument(skip_all, fields(product.id = %id))]
+    pub async fn get(&self, id: &str) -> Result<Product> {
+        let id = parse_id(id)?;
+        sqlx::query_as(
+            "SELECT id, sku, name, description, price_cents, currency, tags, created_at, updated_at
+             FROM products WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|err| self.db_error(err, None))?
+        .ok_or(Error::NotFound(id))
+    }
+
+    /// Keyset pagination: `WHERE id > last ORDER BY id`. Unlike OFFSET, a
+    /// page costs the same however deep it is, and rows inserted while a
+    /// client pages never shift the window, so nothing is served twice or
+    /// skipped. (New rows get larger UUID v7 ids and show up on later pages.)
+    #[tracing::instrument(skip_all)]
+    pub async fn list(&self, page_size: Option<u32>, page_token: Option<&str>) -> Result<Page> {
+        let size = page_size.unwrap_or(DEFAULT_PAGE_SIZE);
+        if !(1..=MAX_PAGE_SIZE).contains(&size) {
+            return Err(invalid("page_size", format!("must be 1-{MAX_PAGE_SIZE}")));
+        }
+        let after = match page_token {
+            Some(token) if !token.is_empty() => Some(decode_token(token)?),
+            _ => None,
+        };
+        let mut products = self.page_after(after, size + 1).await?;
+        let next_page_token = if products.len() > size as usize {
+            products.truncate(size as usize);
+            products.last().map(|p| encode_token(p.id))
+        } else {
+            None
+        };
+        Ok(Page {
+            products,
+            next_page_token,
+        })
+    }
+
+    /// Every product, in id order, as a stream of keyset batches.
+    pub fn stream_all(&self) -> impl Stream<Item = Result<Product>> + Send + 'static {
+        let catalog = self.clone();
+        stream::try_unfold(Some(None), move |state: Option<Option<Uuid>>| {
+            let catalog = catalog.clone();
+            async move {
+                let Some(after) = state else { return Ok(None) };
+                let batch = catalog.page_after(after, STREAM_BATCH).await?;
+                let next = if batch.len() < STREAM_BATCH as usize {
+                    None
+                } else {
+                    batch.last().map(|p| Some(p.id))
+                };
+                Ok(Some((stream::iter(batch.into_iter().map(Ok)), next)))
+            }
+        })
+        .try_flatten()
+        .boxed()
+    }
+
+    async fn page_after(&self, after: Option<Uuid>, limit: u32) -> Result<Vec<Product>> {
+        sqlx::query_as(
+            "SELECT id, sku, name, description, price_cents, currency, tags, created_at, updated_at
+             FROM products WHERE $1::uuid IS NULL OR id > $1
+             ORDER BY id LIMIT $2",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|err| self.db_error(err, None))
+    }
+
+    #[tracing::instrument(skip_all, fields(product.id = %id))]
+    pub async fn update(&self, id: &str, patch: ProductPatch) -> Result<Product> {
+        let uuid = parse_id(id)?;
+        patch.validate()?;
+        if patch.is_empty() {
+            return self.get(id).await;
+        }
+        sqlx::query_as(
+            "UPDATE products SET
+                sku = COALESCE($2, sku),
+                name = COALESCE($3, name),
+                description = COALESCE($4, description),
+                price_cents = COALESCE($5, price_cents),
+                currency = COALESCE($6, currency),
+                tags = COALESCE($7, tags),
+                updated_at = now()
+             WHERE id = $1
+             RETURNING id, sku, name, description, price_cents, currency, tags, created_at, updated_at",
+        )
+        .bind(uuid)
+        .bind(&patch.sku)
+        .bind(&patch.name)
+        .bind(&patch.description)
+        .bind(patch.price_cents)
+        .bind(&patch.currency)
+        .bind(&patch.tags)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|err| self.db_error(err, patch.sku.as_deref()))?
+        .ok_or(Error::NotFound(uuid))
+    }
+
+    #[tracing::instrument(skip_all, fields(product.id = %id))]
+    pub async fn delete(&self, id: &str) -> Result<()> {
+        let id = parse_id(id)?;
+        let done = sqlx::query("DELETE FROM products WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(|err| self.db_error(err, None))?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound(id));
+        }
+        Ok(())
+    }
+
+    fn db_error(&self, err: sqlx::Error, sku: Option<&str>) -> Error {
+        if let sqlx::Error::Database(db) = &err
+            && db.is_unique_violation()
+        {
+            return Error::DuplicateSku(sku.unwrap_or_default().to_owned());
+        }
+        if lab_core::postgres::is_unavailable(&err) {
+            return Error::Unavailable(lab_core::postgres::describe(&self.pool, &err));
+        }
+        Error::Internal(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> NewProduct {
+        NewProduct {
+            sku: "MUG-1".into(),
+            name: "Mug".into(),
+            description: String::new(),
+            price_cents: 1299,
+            currency: "EUR".into(),
+            tags: vec!["kitchen".into()],
+        }
+    }
+
+    fn field_of(result: Result<()>) -> &'static str {
+        match result {
+            Err(Error::Invalid { field, .. }) => field,
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_product_passes() {
+        valid().validate().unwrap();
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        type Breaker = Box<dyn Fn(&mut NewProduct)>;
+        let cases: Vec<(&str, Breaker)> = vec![
+            ("sku", Box::new(|p| p.sku = "mug-1".into())),
+            ("sku", Box::new(|p| p.sku = "A".repeat(65))),
+            ("name", Box::new(|p| p.name = String::new())),
+            ("name", Box::new(|p| p.name = "x".repeat(201))),
+            (
+                "description",
+                Box::new(|p| p.description = "x".repeat(2001)),
+            ),
+            ("price_cents", Box::new(|p| p.price_cents = -1)),
+            ("price_cents", Box::new(|p| p.price_cents = 1_000_000_001)),
+            ("currency", Box::new(|p| p.currency = "eur".into())),
+            ("tags", Box::new(|p| p.tags = vec!["t".into(); 21])),
+            ("tags", Box::new(|p| p.tags = vec![String::new()])),
+        ];
+        for (field, break_it) in cases {
+            let mut product = valid();
+            break_it(&mut product);
+            assert_eq!(field_of(product.validate()), field);
+        }
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_garbage_is_rejected() {
+        let id = Uuid::now_v7();
+        assert_eq!(decode_token(&encode_token(id)).unwrap(), id);
+        assert!(matches!(
+            decode_token("not-a-token"),
+            Err(Error::Invalid {
+                field: "page_token",
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,100 @@
+//! One cancellation token that fires on Ctrl-C or SIGTERM.
+//!
+//! Every server and worker of a service receives a clone (or a child) of this
+//! token. When it fires, listeners stop accepting, in-flight requests finish,
+//! buffers are flushed, and `run` returns so the process exits 0. A token
+//! rather than a bare future because it can be cloned to many tasks and
+//! awaited many times; tests cancel it by hand instead of sending signals.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::future::BoxFuture;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How long in-flight work may take to finish once shutdown has begun.
+/// Compose waits 10 s between SIGTERM and SIGKILL; finish a little sooner.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// A token cancelled when the process receives SIGINT or SIGTERM.
+pub fn on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown signal received; draining");
+        trigger.cancel();
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(%err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+/// Runs a service's servers and workers side by side until all of them
+/// return. The first one to fail cancels `shutdown`, so the others drain
+/// instead of running on half a service. Once shutdown has begun they get
+/// [`DRAIN_TIMEOUT`] to finish: a stream that never ends (a gRPC health
+/// `Watch`, a forgotten long poll) must not keep the process alive forever.
+pub async fn supervise(
+    shutdown: &CancellationToken,
+    tasks: Vec<(&'static str, BoxFuture<'static, anyhow::Result<()>>)>,
+) -> anyhow::Result<()> {
+    let mut running = JoinSet::new();
+    for (name, task) in tasks {
+        let shutdown = shutdown.clone();
+        running.spawn(async move {
+            let result = task.await.with_context(|| format!("{name} failed"));
+            if result.is_err() {
+                shutdown.cancel();
+            }
+            result
+        });
+    }
+    let all_done = async {
+        let mut first_error = None;
+        while let Some(joined) = running.join_next().await {
+            let result = joined.context("a task panicked").and_then(|r| r);
+            if let Err(err) = result {
+                first_error.get_or_insert(err);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    };
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    tokio::select! {
+        result = all_done => result,
+        () = deadline => {
+            tracing::warn!("still draining after {DRAIN_TIMEOUT:?}; stopping the rest");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! `lab up`: every lab service in one process, each on its default port,
+//! against backing services on localhost. One Ctrl-C drains them all.
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use lab_core::config::PostgresConfig;
+use tokio::task::JoinSet;
+
+#[derive(Args)]
+pub struct Up {
+    /// Run only these labs (comma-separated); all of them when absent.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Lab>,
+    #[command(flatten)]
+    postgres: PostgresConfig,
+    #[command(flatten)]
+    catalog: catalog::Addrs,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Lab {
+    Catalog,
+}
+
+pub async fn run(up: Up) -> anyhow::Result<()> {
+    let wanted = |lab: Lab| up.only.is_empty() || up.only.contains(&lab);
+    let shutdown = lab_core::shutdown::on_signal();
+    let mut labs = JoinSet::new();
+
+    if wanted(Lab::Catalog) {
+        let config = catalog::Config {
+            database_url: up.postgres.database_url.clone(),
+            addrs: up.catalog.clone(),
+        };
+        let token = shutdown.child_token();
+        labs.spawn(async move { catalog::run(config, token).await.context("catalog") });
+    }
+    if labs.is_empty() {
+        bail!("no lab selected");
+    }
+
+    // The first lab to fail stops the others: a half-running lab misleads.
+    let mut failure = None;
+    while let Some(joined) = labs.join_next().await {
+        let result = joined.context("a lab task panicked").and_then(|r| r);
+        if let Err(err) = result {
+            tracing::error!("{err:#}");
+            shutdown.cancel();
+            failure.get_or_insert(err);
+        }
+    }
+    match failure {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
