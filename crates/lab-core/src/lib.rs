@@ -4,7 +4,8 @@
 //! Everything a production service needs but that teaches nothing new from one
 //! lab to the next lives here instead: reading config from the environment,
 //! tracing, the shutdown signal, `/healthz` `/readyz` `/metrics`, the JSON
-//! error body, and getting a Postgres pool with its migrations applied.
+//! error body, getting a Postgres pool with its migrations applied, and a
+//! Redis connection that reconnects by itself.
 //!
 //! Think twice before adding to this crate: it is for plumbing used the same
 //! way by three or more labs, never for a lab's domain types.
@@ -14,6 +15,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod postgres;
+pub mod redis;
 pub mod shutdown;
 pub mod telemetry;
 

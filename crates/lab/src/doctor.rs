@@ -25,6 +25,8 @@ pub struct Doctor {
     mqtt: MqttConfig,
     #[command(flatten)]
     catalog: catalog::Addrs,
+    #[command(flatten)]
+    caching: caching::Settings,
 }
 
 /// How to start each backing service: with compose, or natively (the
@@ -80,6 +82,14 @@ pub async fn run(doctor: Doctor) -> anyhow::Result<()> {
         &doctor.catalog.grpc_addr,
         "CATALOG_GRPC_ADDR",
         Probe::Grpc,
+    )
+    .await;
+    check_port(
+        &mut report,
+        "caching",
+        &doctor.caching.http_addr,
+        "CACHING_HTTP_ADDR",
+        Probe::Http,
     )
     .await;
 

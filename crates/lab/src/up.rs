@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use lab_core::config::PostgresConfig;
+use lab_core::config::{PostgresConfig, RedisConfig};
 use tokio::task::JoinSet;
 
 #[derive(Args)]
@@ -14,12 +14,17 @@ pub struct Up {
     #[command(flatten)]
     postgres: PostgresConfig,
     #[command(flatten)]
+    redis: RedisConfig,
+    #[command(flatten)]
     catalog: catalog::Addrs,
+    #[command(flatten)]
+    caching: caching::Settings,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Lab {
     Catalog,
+    Caching,
 }
 
 pub async fn run(up: Up) -> anyhow::Result<()> {
@@ -34,6 +39,15 @@ pub async fn run(up: Up) -> anyhow::Result<()> {
         };
         let token = shutdown.child_token();
         labs.spawn(async move { catalog::run(config, token).await.context("catalog") });
+    }
+    if wanted(Lab::Caching) {
+        let config = caching::Config {
+            database_url: up.postgres.database_url.clone(),
+            redis_url: up.redis.redis_url.clone(),
+            settings: up.caching.clone(),
+        };
+        let token = shutdown.child_token();
+        labs.spawn(async move { caching::run(config, token).await.context("caching") });
     }
     if labs.is_empty() {
         bail!("no lab selected");

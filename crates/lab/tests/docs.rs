@@ -196,7 +196,7 @@ struct Lab {
 
 impl Lab {
     fn start(bin: &Path, database_url: &str, log: PathBuf) -> Self {
-        for port in [8080, 50051] {
+        for port in [8080, 8081, 50051] {
             assert!(
                 TcpStream::connect(("127.0.0.1", port)).is_err(),
                 "port {port} is in use; the docs test runs `lab up` on the default ports. \
@@ -207,6 +207,11 @@ impl Lab {
         let child = Command::new(bin)
             .arg("up")
             .env("DATABASE_URL", database_url)
+            // Its own Redis keys, so counts start at zero on every run.
+            .env(
+                "CACHE_KEY_PREFIX",
+                format!("lab:docs:{}:", std::process::id()),
+            )
             .env("RUST_LOG", "warn")
             .stdout(out.try_clone().unwrap())
             .stderr(out)

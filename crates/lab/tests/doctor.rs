@@ -29,6 +29,7 @@ fn free_lab_ports() -> Vec<(&'static str, String)> {
     vec![
         ("CATALOG_HTTP_ADDR", format!("127.0.0.1:{}", free_port())),
         ("CATALOG_GRPC_ADDR", format!("127.0.0.1:{}", free_port())),
+        ("CACHING_HTTP_ADDR", format!("127.0.0.1:{}", free_port())),
     ]
 }
 

@@ -7,6 +7,7 @@
 //! averages), warm-up is measured but thrown away, and errors are counted,
 //! never hidden.
 
+mod caching;
 mod catalog;
 
 use std::{
@@ -27,12 +28,15 @@ use serde::Serialize;
 pub enum Bench {
     /// REST over HTTP/1.1 and HTTP/2 vs gRPC against a running catalog.
     Catalog(catalog::Args),
+    /// Postgres vs cache hit vs miss, and a stampede with protection on and off.
+    Caching(caching::Args),
 }
 
 impl Bench {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
             Bench::Catalog(args) => catalog::run(args).await,
+            Bench::Caching(args) => caching::run(args).await,
         }
     }
 }

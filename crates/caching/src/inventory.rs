@@ -1,0 +1,260 @@
+//! Write-through for inventory: a read must see the latest acknowledged write.
+//!
+//! Every write changes Postgres and Redis in the same request, so reads can
+//! be served from Redis without going stale. The order matters, and this lab
+//! chose: **update the row, update Redis, then commit**, all while holding
+//! the row lock.
+//!
+//! - Redis is written while the row lock is held, so two concurrent writes
+//!   reach Redis in the same order as they commit. Writing Redis *after*
+//!   commit lets a slower first writer overwrite a faster second one, leaving
+//!   Redis older than Postgres.
+//! - If Redis fails, the transaction rolls back and the client gets 503:
+//!   nothing was written, and a retry is safe. (Commit-then-Redis would have
+//!   to answer 503 for a write that did happen.)
+//! - If the commit fails after Redis was updated, the key is deleted, so the
+//!   next read reloads from Postgres.
+//! - Every cached value carries the row's version, and Redis only accepts a
+//!   higher one (a small Lua script), so a read that loaded an old row cannot
+//!   overwrite a newer value a write just put there.
+//!
+//! Reservations take stock atomically in SQL (`quantity >= n` in the UPDATE's
+//! WHERE), so concurrent reservations never oversell. While Redis is down,
+//! writes answer 503 and reads fall back to Postgres (`X-Cache: bypass`).
+
+use axum::{
+    extract::{Path, State},
+    http::{HeaderName, HeaderValue},
+    response::{IntoResponse, Response},
+};
+use lab_core::Json;
+use redis::{AsyncCommands, Script};
+use serde::{Deserialize, Serialize};
+
+use crate::{App, Error, Result, invalid};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stock {
+    pub sku: String,
+    pub quantity: i64,
+    /// Rises with every write; the cache only ever moves forward.
+    pub version: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetQuantity {
+    quantity: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reserve {
+    quantity: i64,
+}
+
+/// Sets KEYS[1] to "version:quantity" unless it already holds a version at
+/// least as new. Returns 1 when it wrote.
+const SET_IF_NEWER: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local version = tonumber(string.match(current, '^(%d+):'))
+  if version and version >= tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2])
+return 1
+";
+
+fn validate_sku(sku: &str) -> Result<()> {
+    let ok = !sku.is_empty()
+        && sku.len() <= 64
+        && sku
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid("sku", "must be 1-64 characters of A-Z, 0-9 and -"))
+    }
+}
+
+fn key(app: &App, sku: &str) -> String {
+    app.key(&format!("stock:{sku}"))
+}
+
+async fn cache_set(app: &App, stock: &Stock) -> redis::RedisResult<()> {
+    let mut conn = app.redis.clone();
+    Script::new(SET_IF_NEWER)
+        .key(key(app, &stock.sku))
+        .arg(stock.version)
+        .arg(stock.quantity)
+        .invoke_async::<i64>(&mut conn)
+        .await
+        .map(|_| ())
+}
+
+/// `PUT /inventory/{sku}`: set the quantity (creating the record if new).
+pub async fn set(
+    State(app): State<App>,
+    Path(sku): Path<String>,
+    Json(body): Json<SetQuantity>,
+) -> Result<Json<Stock>> {
+    validate_sku(&sku)?;
+    if body.quantity < 0 {
+        return Err(invalid("quantity", "must be 0 or more"));
+    }
+    let mut tx = app.pool.begin().await.map_err(|err| app.pg_error(err))?;
+    let (quantity, version): (i64, i64) = sqlx::query_as(
+        "INSERT INTO inventory (sku, quantity) VALUES ($1, $2)
+         ON CONFLICT (sku) DO UPDATE
+           SET quantity = EXCLUDED.quantity, version = inventory.version + 1, updated_at = now()
+         RETURNING quantity, version",
+    )
+    .bind(&sku)
+    .bind(body.quantity)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|err| app.pg_error(err))?;
+    let stock = Stock {
+        sku,
+        quantity,
+        version,
+    };
+    write_through(&app, tx, &stock).await?;
+    Ok(Json(stock))
+}
+
+/// `POST /inventory/{sku}/reserve`: take stock, or 409 when there is not enough.
+pub async fn reserve(
+    State(app): State<App>,
+    Path(sku): Path<String>,
+    Json(body): Json<Reserve>,
+) -> Result<Json<Stock>> {
+    validate_sku(&sku)?;
+    if body.quantity <= 0 {
+        return Err(invalid("quantity", "must be 1 or more"));
+    }
+    let mut tx = app.pool.begin().await.map_err(|err| app.pg_error(err))?;
+    let taken: Option<(i64, i64)> = sqlx::query_as(
+        "UPDATE inventory SET quantity = quantity - $2, version = version + 1, updated_at = now()
+         WHERE sku = $1 AND quantity >= $2
+         RETURNING quantity, version",
+    )
+    .bind(&sku)
+    .bind(body.quantity)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(|err| app.pg_error(err))?;
+    let Some((quantity, version)) = taken else {
+        let available: Option<i64> =
+            sqlx::query_scalar("SELECT quantity FROM inventory WHERE sku = $1")
+                .bind(&sku)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|err| app.pg_error(err))?;
+        return Err(match available {
+            None => Error::NotFound(format!("no stock record for sku {sku}")),
+            Some(left) => Error::Conflict(format!(
+                "not enough stock for {sku}: {left} left, {} asked",
+                body.quantity
+            )),
+        });
+    };
+    let stock = Stock {
+        sku,
+        quantity,
+        version,
+    };
+    write_through(&app, tx, &stock).await?;
+    Ok(Json(stock))
+}
+
+/// Redis first (inside the transaction, under the row lock), then commit.
+async fn write_through(
+    app: &App,
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    stock: &Stock,
+) -> Result<()> {
+    if let Err(err) = cache_set(app, stock).await {
+        // Dropping `tx` rolls it back: the client is told nothing happened,
+        // and nothing did.
+        return Err(match app.redis_error(&err) {
+            Error::RedisDown(message) => Error::RedisDown(format!(
+                "write-through needs Redis and nothing was written: {message}"
+            )),
+            other => other,
+        });
+    }
+    if let Err(err) = tx.commit().await {
+        // Redis may now hold a value Postgres never committed: drop it.
+        let mut conn = app.redis.clone();
+        let _ = conn.del::<_, ()>(key(app, &stock.sku)).await;
+        return Err(app.pg_error(err));
+    }
+    app.stats.postgres_writes.inc();
+    Ok(())
+}
+
+/// `GET /inventory/{sku}`: from Redis; on a miss from Postgres, filling Redis.
+pub async fn get(State(app): State<App>, Path(sku): Path<String>) -> Result<Response> {
+    validate_sku(&sku)?;
+    let mut conn = app.redis.clone();
+    let (stock, outcome) = match conn.get::<_, Option<String>>(key(&app, &sku)).await {
+        Ok(Some(cached)) => match parse(&sku, &cached) {
+            Some(stock) => {
+                app.stats.hits.inc();
+                (Some(stock), "hit")
+            }
+            None => (load(&app, &sku, true).await?, "miss"),
+        },
+        Ok(None) => {
+            app.stats.misses.inc();
+            (load(&app, &sku, true).await?, "miss")
+        }
+        Err(_) => {
+            // Postgres is the source of truth; reading it directly is correct.
+            app.stats.bypasses.inc();
+            (load(&app, &sku, false).await?, "bypass")
+        }
+    };
+    let header = (
+        HeaderName::from_static("x-cache"),
+        HeaderValue::from_static(outcome),
+    );
+    let body = match stock {
+        Some(stock) => Json(stock).into_response(),
+        None => Error::NotFound(format!("no stock record for sku {sku}")).into_response(),
+    };
+    Ok(([header], body).into_response())
+}
+
+fn parse(sku: &str, cached: &str) -> Option<Stock> {
+    let (version, quantity) = cached.split_once(':')?;
+    Some(Stock {
+        sku: sku.to_owned(),
+        quantity: quantity.parse().ok()?,
+        version: version.parse().ok()?,
+    })
+}
+
+async fn load(app: &App, sku: &str, fill: bool) -> Result<Option<Stock>> {
+    app.stats.postgres_reads.inc();
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT quantity, version FROM inventory WHERE sku = $1")
+            .bind(sku)
+            .fetch_optional(&app.pool)
+            .await
+            .map_err(|err| app.pg_error(err))?;
+    let stock = row.map(|(quantity, version)| Stock {
+        sku: sku.to_owned(),
+        quantity,
+        version,
+    });
+    if let (Some(stock), true) = (&stock, fill) {
+        // Versioned: if a write got there first, its newer value stays.
+        if let Err(err) = cache_set(app, stock).await {
+            tracing::debug!(%err, "could not fill the cache");
+        }
+    }
+    Ok(stock)
+}

@@ -1,0 +1,304 @@
+//! # Caching: three strategies, each on the data it suits
+//!
+//! - **Cache-aside** for user profiles ([`profiles`]): read-heavy, a short
+//!   staleness is fine. Reads fill the cache, writes delete from it.
+//! - **Write-through** for inventory ([`inventory`]): a read must see the
+//!   latest write, so every write updates Postgres and Redis together.
+//! - **Write-behind** for page views ([`views`]): write-heavy, so a view is
+//!   acknowledged once Redis has it and a flusher moves views to Postgres in
+//!   batches.
+//!
+//! Each strategy also shows how it fails: a cache stampede when protection is
+//! off, eviction under `maxmemory`, and what each one does while Redis is
+//! down. `GET /stats` shows the counters that make this visible.
+//!
+//! Try it: `cargo run -p lab -- up --only caching`, then the curl lines in
+//! the README's caching section.
+
+pub mod inventory;
+pub mod profiles;
+pub mod stats;
+pub mod views;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    routing::{get, post},
+};
+use clap::ValueEnum;
+use lab_core::{ApiError, http::bind, metrics::Metrics};
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The caching lab's own settings; the database and Redis URLs are shared
+/// with other labs and live in [`lab_core::config`].
+#[derive(clap::Args, Debug, Clone)]
+pub struct Settings {
+    /// HTTP listen address.
+    #[arg(
+        long = "caching-http-addr",
+        env = "CACHING_HTTP_ADDR",
+        default_value = "0.0.0.0:8081"
+    )]
+    pub http_addr: String,
+    /// How long a cache-aside entry lives; each key gets ±10% random jitter.
+    #[arg(long = "cache-ttl-secs", env = "CACHE_TTL_SECS", default_value_t = 60)]
+    pub ttl_secs: u64,
+    /// Prepended to every Redis key, so several labs or tests share one Redis.
+    #[arg(
+        long = "cache-key-prefix",
+        env = "CACHE_KEY_PREFIX",
+        default_value = "lab:caching:"
+    )]
+    pub key_prefix: String,
+    /// Single-flight on cache misses: `off` lets every miss hit Postgres.
+    #[arg(long = "cache-stampede-protection", env = "CACHE_STAMPEDE_PROTECTION", value_enum, default_value_t = Switch::On)]
+    pub stampede_protection: Switch,
+    /// The write-behind flusher runs at least this often.
+    #[arg(
+        long = "flush-interval-ms",
+        env = "FLUSH_INTERVAL_MS",
+        default_value_t = 1000
+    )]
+    pub flush_interval_ms: u64,
+    /// At most this many views per flush; a full batch is flushed at once.
+    #[arg(
+        long = "flush-batch-size",
+        env = "FLUSH_BATCH_SIZE",
+        default_value_t = 500
+    )]
+    pub flush_batch_size: usize,
+    /// A stream entry read but not acknowledged for this long belongs to a
+    /// flusher that died; a live flusher claims and applies it.
+    #[arg(
+        long = "flush-claim-idle-ms",
+        env = "FLUSH_CLAIM_IDLE_MS",
+        default_value_t = 10_000
+    )]
+    pub flush_claim_idle_ms: u64,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub redis_url: String,
+    pub settings: Settings,
+}
+
+/// Everything that can go wrong, mapped once to HTTP in `From<Error> for ApiError`.
+/// `Clone` because one Postgres read may answer many waiting requests.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    RedisDown(String),
+    #[error("{0}")]
+    PostgresDown(String),
+    #[error("internal error")]
+    Internal,
+}
+
+impl From<Error> for ApiError {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Invalid { field, message } => ApiError::invalid(field, message),
+            Error::NotFound(m) => ApiError::not_found(m),
+            Error::Conflict(m) => ApiError::conflict(m),
+            Error::RedisDown(m) | Error::PostgresDown(m) => ApiError::unavailable(m),
+            Error::Internal => ApiError::internal(),
+        }
+    }
+}
+
+impl axum::response::IntoResponse for Error {
+    fn into_response(self) -> axum::response::Response {
+        ApiError::from(self).into_response()
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Error {
+    Error::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Shared state of one caching service.
+#[derive(Clone)]
+pub struct App {
+    pub(crate) pool: PgPool,
+    pub(crate) redis: ConnectionManager,
+    redis_place: Arc<str>,
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) stats: Arc<stats::Stats>,
+    pub(crate) flights: Arc<Mutex<HashMap<uuid::Uuid, profiles::Flight>>>,
+    /// Cache-aside keys whose invalidation failed while Redis was down.
+    pub(crate) stale: Arc<Mutex<HashSet<String>>>,
+}
+
+impl App {
+    pub fn new(
+        pool: PgPool,
+        redis: ConnectionManager,
+        redis_url: &str,
+        settings: Settings,
+        metrics: &Metrics,
+    ) -> Self {
+        Self {
+            pool,
+            redis,
+            redis_place: lab_core::redis::where_is(redis_url).into(),
+            settings: Arc::new(settings),
+            stats: Arc::new(stats::Stats::new(metrics)),
+            flights: Arc::default(),
+            stale: Arc::default(),
+        }
+    }
+
+    pub(crate) fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.settings.key_prefix)
+    }
+
+    pub(crate) fn redis_error(&self, err: &redis::RedisError) -> Error {
+        if lab_core::redis::is_unavailable(err) {
+            Error::RedisDown(lab_core::redis::describe(&self.redis_place, err))
+        } else {
+            tracing::error!(%err, "redis command failed");
+            Error::Internal
+        }
+    }
+
+    pub(crate) fn pg_error(&self, err: sqlx::Error) -> Error {
+        if lab_core::postgres::is_unavailable(&err) {
+            Error::PostgresDown(lab_core::postgres::describe(&self.pool, &err))
+        } else {
+            tracing::error!(%err, "postgres query failed");
+            Error::Internal
+        }
+    }
+}
+
+pub fn routes(app: App) -> Router {
+    Router::new()
+        .route("/profiles", post(profiles::create))
+        .route(
+            "/profiles/{id}",
+            get(profiles::get)
+                .put(profiles::update)
+                .delete(profiles::delete),
+        )
+        .route("/inventory/{sku}", get(inventory::get).put(inventory::set))
+        .route("/inventory/{sku}/reserve", post(inventory::reserve))
+        .route("/pages/{page}/views", get(views::get).post(views::record))
+        .route("/stats", get(stats::get))
+        .with_state(app)
+}
+
+/// Runs the caching lab until `shutdown` fires; the write-behind flusher
+/// drains what Redis holds before `run` returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = lab_core::postgres::connect(&config.database_url, shutdown.clone())?;
+    let redis = lab_core::redis::connect(&config.redis_url)?;
+    let listener = bind(&config.settings.http_addr, "CACHING_HTTP_ADDR").await?;
+    tracing::info!(http = %listener.local_addr()?, "caching listening");
+    serve(
+        listener,
+        pool,
+        redis,
+        config.redis_url,
+        config.settings,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves on a listener the caller bound (tests bind port 0).
+pub async fn serve(
+    listener: TcpListener,
+    pool: PgPool,
+    redis: ConnectionManager,
+    redis_url: String,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::new("caching");
+    let app = App::new(pool.clone(), redis.clone(), &redis_url, settings, &metrics);
+    let dependencies = vec![
+        lab_core::postgres::dependency(pool),
+        lab_core::redis::dependency(redis, &redis_url),
+    ];
+    let router = lab_core::http::service_router(routes(app.clone()), dependencies, metrics);
+
+    // The flusher stops only after the HTTP server has stopped accepting
+    // views, so its final drain sees every view that was acknowledged.
+    let flush_stop = CancellationToken::new();
+    let http = {
+        let (shutdown, flush_stop) = (shutdown.clone(), flush_stop.clone());
+        async move {
+            let result = lab_core::http::serve(listener, router, shutdown).await;
+            flush_stop.cancel();
+            Ok(result?)
+        }
+    };
+    let flusher = views::Flusher::new(app.clone()).run(flush_stop);
+    let invalidator = profiles::retry_invalidations(app, shutdown.clone());
+    lab_core::shutdown::supervise(
+        &shutdown,
+        vec![
+            ("HTTP server", Box::pin(http)),
+            ("write-behind flusher", Box::pin(flusher)),
+            ("invalidator", Box::pin(invalidator)),
+        ],
+    )
+    .await?;
+    tracing::info!("caching stopped");
+    Ok(())
+}
+
+/// The TTL with ±10% random jitter: keys written together (after a deploy, a
+/// bulk import) would otherwise expire together, a stampede of their own.
+pub(crate) fn jittered_ttl(ttl_secs: u64) -> u64 {
+    use rand::Rng;
+    let spread = (ttl_secs as f64 * 0.1).max(0.0);
+    let ttl = ttl_secs as f64 + rand::rng().random_range(-spread..=spread);
+    (ttl.round() as u64).max(1)
+}
+
+pub(crate) const INVALIDATION_RETRY: Duration = Duration::from_millis(200);
+
+#[cfg(test)]
+mod tests {
+    use super::jittered_ttl;
+
+    #[test]
+    fn ttl_jitter_stays_within_ten_percent() {
+        for _ in 0..1000 {
+            let ttl = jittered_ttl(60);
+            assert!((54..=66).contains(&ttl), "{ttl}");
+        }
+        assert_eq!(jittered_ttl(0), 1, "never zero: SET EX 0 is an error");
+    }
+}

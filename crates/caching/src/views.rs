@@ -1,0 +1,375 @@
+//! Write-behind for page views: acknowledge once Redis has the view, move
+//! views to Postgres later, in batches.
+//!
+//! `POST /pages/{page}/views` appends an entry to a Redis Stream and bumps a
+//! Redis counter in one MULTI, then answers 202 at once. A flusher reads the
+//! stream through a consumer group and commits batches to Postgres. The
+//! stream is what makes it safe, where a bare `INCR` would not be:
+//!
+//! - A flusher that dies after reading a batch, before committing it, leaves
+//!   the entries pending in the group; a live flusher claims them
+//!   (`XAUTOCLAIM`) once they have been idle for `FLUSH_CLAIM_IDLE_MS`.
+//! - A flusher that dies after committing, before acknowledging (`XACK`),
+//!   will see the batch again. Each entry id is recorded in Postgres in the
+//!   same transaction as the counts, so applying it twice counts it once.
+//! - On shutdown the HTTP server stops first, then the flusher drains what
+//!   the stream still holds.
+//!
+//! The price of write-behind shows in `GET /pages/{page}/views`: the Redis
+//! count is immediate, `?source=db` lags by up to a flush interval.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+};
+use lab_core::{Json, Query};
+use redis::{
+    AsyncCommands,
+    streams::{
+        StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply,
+    },
+};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::{App, Error, Result, invalid};
+
+const GROUP: &str = "flushers";
+
+fn validate_page(page: &str) -> Result<()> {
+    let ok = !page.is_empty()
+        && page.len() <= 100
+        && page
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "page",
+            "must be 1-100 characters of letters, digits, -, _ and .",
+        ))
+    }
+}
+
+fn stream_key(app: &App) -> String {
+    app.key("views:stream")
+}
+
+fn counter_key(app: &App, page: &str) -> String {
+    app.key(&format!("views:count:{page}"))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Views {
+    pub page: String,
+    pub views: i64,
+    /// `redis` (immediate) or `db` (as of the last flush).
+    pub source: String,
+}
+
+/// `POST /pages/{page}/views`
+pub async fn record(
+    State(app): State<App>,
+    Path(page): Path<String>,
+) -> Result<(StatusCode, Json<Views>)> {
+    validate_page(&page)?;
+    let mut conn = app.redis.clone();
+    let (views,): (i64,) = redis::pipe()
+        .atomic()
+        .cmd("XADD")
+        .arg(stream_key(&app))
+        .arg("*")
+        .arg("page")
+        .arg(&page)
+        .ignore()
+        .incr(counter_key(&app, &page), 1)
+        .query_async(&mut conn)
+        .await
+        .map_err(|err| match app.redis_error(&err) {
+            Error::RedisDown(message) => Error::RedisDown(format!(
+                "write-behind needs Redis to accept a view: {message}"
+            )),
+            other => other,
+        })?;
+    let body = Views {
+        page,
+        views,
+        source: "redis".into(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    source: Option<String>,
+}
+
+/// `GET /pages/{page}/views[?source=db]`
+pub async fn get(
+    State(app): State<App>,
+    Path(page): Path<String>,
+    Query(params): Query<Source>,
+) -> Result<Json<Views>> {
+    validate_page(&page)?;
+    let views = match params.source.as_deref() {
+        None | Some("redis") => {
+            let mut conn = app.redis.clone();
+            let count: Option<i64> = conn
+                .get(counter_key(&app, &page))
+                .await
+                .map_err(|err| app.redis_error(&err))?;
+            return Ok(Json(Views {
+                page,
+                views: count.unwrap_or(0),
+                source: "redis".into(),
+            }));
+        }
+        Some("db") => {
+            app.stats.postgres_reads.inc();
+            sqlx::query_scalar::<_, i64>("SELECT views FROM page_views WHERE page = $1")
+                .bind(&page)
+                .fetch_optional(&app.pool)
+                .await
+                .map_err(|err| app.pg_error(err))?
+                .unwrap_or(0)
+        }
+        Some(other) => return Err(invalid("source", format!("{other:?}: use redis or db"))),
+    };
+    Ok(Json(Views {
+        page,
+        views,
+        source: "db".into(),
+    }))
+}
+
+/// Entries waiting in the stream, and the age of the oldest one in ms.
+pub async fn backlog(app: &App) -> Result<(u64, u64)> {
+    let mut conn = app.redis.clone();
+    let key = stream_key(app);
+    let pending: u64 = conn.xlen(&key).await.map_err(|err| app.redis_error(&err))?;
+    let oldest: redis::streams::StreamRangeReply = conn
+        .xrange_count(&key, "-", "+", 1)
+        .await
+        .map_err(|err| app.redis_error(&err))?;
+    let lag_ms = oldest
+        .ids
+        .first()
+        .and_then(|entry| entry.id.split_once('-'))
+        .and_then(|(ms, _)| ms.parse::<u64>().ok())
+        .map_or(0, |ms| now_ms().saturating_sub(ms));
+    Ok((pending, lag_ms))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Moves views from the Redis Stream into Postgres.
+pub struct Flusher {
+    app: App,
+    consumer: String,
+}
+
+impl Flusher {
+    pub fn new(app: App) -> Self {
+        // Each process is its own consumer; a dead one's entries are claimed.
+        let consumer = format!("flusher-{}", uuid::Uuid::now_v7().simple());
+        Self { app, consumer }
+    }
+
+    /// Flushes every interval, or at once while full batches keep coming,
+    /// until `stop`; then drains the stream and returns.
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let interval = Duration::from_millis(self.app.settings.flush_interval_ms);
+        let batch = self.app.settings.flush_batch_size;
+        let mut group_ready = false;
+        loop {
+            if stop.is_cancelled() {
+                return self.drain(group_ready).await;
+            }
+            if !group_ready {
+                group_ready = self.create_group().await.is_ok();
+            }
+            let flushed = if group_ready {
+                self.step().await
+            } else {
+                Ok(0)
+            };
+            let wait = match flushed {
+                Ok(n) if n >= batch => continue,
+                Ok(_) => interval,
+                Err(err) => {
+                    tracing::warn!("write-behind flush failed, will retry: {err}");
+                    interval
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn drain(&self, group_ready: bool) -> anyhow::Result<()> {
+        if !group_ready && self.create_group().await.is_err() {
+            tracing::warn!("Redis is down; unflushed views stay in the stream for the next start");
+            return Ok(());
+        }
+        loop {
+            match self.step().await {
+                Ok(0) => {
+                    tracing::info!("write-behind flusher drained");
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(
+                        "stopping with views still in the stream (they are kept for the next start): {err}"
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn create_group(&self) -> Result<()> {
+        let mut conn = self.app.redis.clone();
+        let created: redis::RedisResult<()> = conn
+            .xgroup_create_mkstream(stream_key(&self.app), GROUP, "0")
+            .await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(err) if err.code() == Some("BUSYGROUP") => Ok(()),
+            Err(err) => Err(self.app.redis_error(&err)),
+        }
+    }
+
+    /// One batch: our own pending entries first (a failed commit), then
+    /// entries a dead flusher left, then new ones. Returns how many it applied.
+    pub async fn step(&self) -> Result<usize> {
+        let app = &self.app;
+        let key = stream_key(app);
+        let batch = app.settings.flush_batch_size;
+        let mut conn = app.redis.clone();
+        let mut entries: Vec<StreamId> = Vec::new();
+
+        let ours: StreamReadReply = conn
+            .xread_options(
+                &[&key],
+                &["0"],
+                &StreamReadOptions::default()
+                    .group(GROUP, &self.consumer)
+                    .count(batch),
+            )
+            .await
+            .map_err(|err| app.redis_error(&err))?;
+        entries.extend(ours.keys.into_iter().flat_map(|k| k.ids));
+
+        if entries.len() < batch {
+            let abandoned: StreamAutoClaimReply = conn
+                .xautoclaim_options(
+                    &key,
+                    GROUP,
+                    &self.consumer,
+                    app.settings.flush_claim_idle_ms,
+                    "0-0",
+                    StreamAutoClaimOptions::default().count(batch - entries.len()),
+                )
+                .await
+                .map_err(|err| app.redis_error(&err))?;
+            if !abandoned.claimed.is_empty() {
+                tracing::info!(
+                    entries = abandoned.claimed.len(),
+                    "claimed views a dead flusher left behind"
+                );
+            }
+            entries.extend(abandoned.claimed);
+        }
+        if entries.len() < batch {
+            let fresh: StreamReadReply = conn
+                .xread_options(
+                    &[&key],
+                    &[">"],
+                    &StreamReadOptions::default()
+                        .group(GROUP, &self.consumer)
+                        .count(batch - entries.len()),
+                )
+                .await
+                .map_err(|err| app.redis_error(&err))?;
+            entries.extend(fresh.keys.into_iter().flat_map(|k| k.ids));
+        }
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        apply(app, &entries).await?;
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let _: () = redis::pipe()
+            .xack(&key, GROUP, &ids)
+            .ignore()
+            .xdel(&key, &ids)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .map_err(|err| app.redis_error(&err))?;
+        Ok(entries.len())
+    }
+}
+
+/// Commits a batch of stream entries to Postgres, counting each entry id at
+/// most once however often it is applied. Public so tests can play a flusher
+/// that commits and then dies before XACK.
+pub async fn apply(app: &App, entries: &[StreamId]) -> Result<u64> {
+    let key = stream_key(app);
+    let mut ids = Vec::with_capacity(entries.len());
+    let mut pages = Vec::with_capacity(entries.len());
+    for entry in entries {
+        match entry.get::<String>("page") {
+            Some(page) => {
+                ids.push(format!("{key} {}", entry.id));
+                pages.push(page);
+            }
+            None => tracing::warn!(id = %entry.id, "stream entry without a page; skipped"),
+        }
+    }
+    let mut tx = app.pool.begin().await.map_err(|err| app.pg_error(err))?;
+    // Only entries not seen before survive the ON CONFLICT; count just those.
+    let counted: u64 = sqlx::query_scalar(
+        "WITH batch AS (
+             SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS b(entry, page)
+         ), fresh AS (
+             INSERT INTO page_view_entries (entry)
+             SELECT entry FROM batch ON CONFLICT DO NOTHING
+             RETURNING entry
+         ), counts AS (
+             SELECT b.page, count(*) AS n FROM batch b JOIN fresh f USING (entry) GROUP BY b.page
+         ), upserted AS (
+             INSERT INTO page_views (page, views)
+             SELECT page, n FROM counts
+             ON CONFLICT (page) DO UPDATE
+               SET views = page_views.views + EXCLUDED.views, updated_at = now()
+             RETURNING 1
+         )
+         SELECT coalesce(sum(n), 0)::bigint FROM counts",
+    )
+    .bind(&ids)
+    .bind(&pages)
+    .fetch_one(&mut *tx)
+    .await
+    .map(|n: i64| n as u64)
+    .map_err(|err| app.pg_error(err))?;
+    // Remembered ids only need to outlive a redelivery: keep an hour.
+    sqlx::query("DELETE FROM page_view_entries WHERE applied_at < now() - interval '1 hour'")
+        .execute(&mut *tx)
+        .await
+        .map_err(|err| app.pg_error(err))?;
+    tx.commit().await.map_err(|err| app.pg_error(err))?;
+    app.stats.flushes.inc();
+    app.stats.flushed_views.inc_by(counted);
+    Ok(counted)
+}

@@ -1,0 +1,584 @@
+//! The caching lab: cache-aside, write-through and write-behind.
+//!
+//! Run one: `cargo test -p workshop --test caching <name>`.
+//! Each test gets a fresh database from `#[sqlx::test]` and its own key
+//! prefix in the shared Redis; outages go through a proxy the test cuts.
+
+use std::time::Duration;
+
+use futures::{StreamExt, future::join_all, stream};
+use redis::AsyncCommands;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use workshop::{CachingApp, proxy::Proxy, redis_url};
+
+async fn create_profile(app: &CachingApp, name: &str) -> String {
+    let response = app
+        .http
+        .post(app.url("/profiles"))
+        .json(&json!({"name": name, "email": "ada@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let body: Value = response.json().await.unwrap();
+    body["id"].as_str().unwrap().to_owned()
+}
+
+/// GET a profile: (status, X-Cache, body).
+async fn read_profile(app: &CachingApp, id: &str) -> (StatusCode, String, Value) {
+    let response = app
+        .http
+        .get(app.url(&format!("/profiles/{id}")))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let cache = response.headers()["x-cache"].to_str().unwrap().to_owned();
+    (status, cache, response.json().await.unwrap())
+}
+
+async fn postgres_reads(app: &CachingApp) -> u64 {
+    app.stats().await["postgres"]["reads"].as_u64().unwrap()
+}
+
+async fn db_views(app: &CachingApp, page: &str) -> i64 {
+    let body: Value = app
+        .http
+        .get(app.url(&format!("/pages/{page}/views?source=db")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["views"].as_i64().unwrap()
+}
+
+/// Polls the Postgres count until it reaches `want` (bounded), then returns it.
+async fn wait_for_db_views(app: &CachingApp, page: &str, want: i64) -> i64 {
+    for _ in 0..300 {
+        let n = db_views(app, page).await;
+        if n >= want {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    db_views(app, page).await
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn first_read_misses_and_second_hits(pool: PgPool) {
+    let app = CachingApp::start(pool, CachingApp::settings()).await;
+    let id = create_profile(&app, "Ada").await;
+
+    let (status, cache, first) = read_profile(&app, &id).await;
+    assert_eq!((status, cache.as_str()), (StatusCode::OK, "miss"));
+    let (status, cache, second) = read_profile(&app, &id).await;
+    assert_eq!((status, cache.as_str()), (StatusCode::OK, "hit"));
+    assert_eq!(first, second);
+    assert_eq!(
+        postgres_reads(&app).await,
+        1,
+        "the hit did not touch Postgres"
+    );
+
+    let stats = app.stats().await;
+    assert_eq!(stats["cache_aside"]["hits"], 1);
+    assert_eq!(stats["cache_aside"]["misses"], 1);
+    app.finish().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_write_invalidates_so_the_next_read_returns_the_new_value(pool: PgPool) {
+    let app = CachingApp::start(pool, CachingApp::settings()).await;
+    let id = create_profile(&app, "Ada").await;
+    read_profile(&app, &id).await;
+    assert_eq!(read_profile(&app, &id).await.1, "hit");
+
+    let response = app
+        .http
+        .put(app.url(&format!("/profiles/{id}")))
+        .json(&json!({"name": "Ada Lovelace", "email": "ada@example.com", "bio": "Notes on the engine"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let (_, cache, body) = read_profile(&app, &id).await;
+    assert_eq!(cache, "miss", "the write deleted the key");
+    assert_eq!(body["name"], "Ada Lovelace");
+    assert_eq!(read_profile(&app, &id).await.2["name"], "Ada Lovelace");
+
+    let response = app
+        .http
+        .delete(app.url(&format!("/profiles/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(read_profile(&app, &id).await.0, StatusCode::NOT_FOUND);
+    app.finish().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn ttl_expiry_reloads(pool: PgPool) {
+    let mut settings = CachingApp::settings();
+    settings.ttl_secs = 1;
+    let app = CachingApp::start(pool, settings).await;
+    let id = create_profile(&app, "Ada").await;
+    assert_eq!(read_profile(&app, &id).await.1, "miss");
+    assert_eq!(read_profile(&app, &id).await.1, "hit");
+
+    let key = format!("{}profile:{id}", app.prefix);
+    let mut redis = app.redis.clone();
+    let ttl_ms: i64 = redis.pttl(&key).await.unwrap();
+    assert!(
+        (1..=1100).contains(&ttl_ms),
+        "a 1 s TTL (±10%), got {ttl_ms} ms"
+    );
+
+    // Wait for Redis to expire the key (bounded), then read again.
+    for _ in 0..40 {
+        if !redis.exists::<_, bool>(&key).await.unwrap() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        read_profile(&app, &id).await.1,
+        "miss",
+        "expired, so reloaded"
+    );
+    assert_eq!(postgres_reads(&app).await, 2);
+    app.finish().await.unwrap();
+}
+
+/// 200 readers miss the same cold key at once.
+async fn stampede(pool: PgPool, protection: caching::Switch) -> u64 {
+    let mut settings = CachingApp::settings();
+    settings.stampede_protection = protection;
+    let app = CachingApp::start(pool, settings).await;
+    let id = create_profile(&app, "Popular").await;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(200)
+        .build()
+        .unwrap();
+    let url = app.url(&format!("/profiles/{id}"));
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(200));
+    let readers = (0..200).map(|_| {
+        let (client, url, barrier) = (client.clone(), url.clone(), barrier.clone());
+        tokio::spawn(async move {
+            barrier.wait().await;
+            client.get(url).send().await.unwrap().status()
+        })
+    });
+    for status in join_all(readers).await {
+        assert_eq!(status.unwrap(), StatusCode::OK);
+    }
+    let reads = postgres_reads(&app).await;
+    app.finish().await.unwrap();
+    reads
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn two_hundred_concurrent_misses_make_one_postgres_read_with_stampede_protection(
+    pool: PgPool,
+) {
+    assert_eq!(stampede(pool, caching::Switch::On).await, 1);
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn without_stampede_protection_concurrent_misses_each_read_postgres(pool: PgPool) {
+    let reads = stampede(pool, caching::Switch::Off).await;
+    assert!(
+        reads > 1,
+        "expected a stampede, got {reads} Postgres read(s)"
+    );
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn concurrent_reservations_never_oversell(pool: PgPool) {
+    let app = CachingApp::start(pool.clone(), CachingApp::settings()).await;
+    let response = app
+        .http
+        .put(app.url("/inventory/WIDGET-1"))
+        .json(&json!({"quantity": 50}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let attempts = (0..100).map(|_| {
+        let (http, url) = (app.http.clone(), app.url("/inventory/WIDGET-1/reserve"));
+        tokio::spawn(async move {
+            http.post(url)
+                .json(&json!({"quantity": 1}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    });
+    let statuses: Vec<StatusCode> = join_all(attempts)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let conflicts = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::CONFLICT)
+        .count();
+    assert_eq!((ok, conflicts), (50, 50), "{statuses:?}");
+
+    let stock: Value = app
+        .http
+        .get(app.url("/inventory/WIDGET-1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stock["quantity"], 0, "Redis agrees with the last write");
+    let in_db: i64 = sqlx::query_scalar("SELECT quantity FROM inventory WHERE sku = 'WIDGET-1'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(in_db, 0);
+    app.finish().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn ten_thousand_views_posted_are_ten_thousand_in_postgres(pool: PgPool) {
+    let app = CachingApp::start(pool, CachingApp::settings()).await;
+    let url = app.url("/pages/home/views");
+    let statuses: Vec<StatusCode> = stream::iter(0..10_000)
+        .map(|_| {
+            let (http, url) = (app.http.clone(), url.clone());
+            async move { http.post(url).send().await.unwrap().status() }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::ACCEPTED));
+
+    let redis: Value = app
+        .http
+        .get(app.url("/pages/home/views"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(redis["views"], 10_000, "Redis counts at once");
+    assert_eq!(wait_for_db_views(&app, "home", 10_000).await, 10_000);
+    // One more flush interval: still exactly 10,000, nothing counted twice.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(db_views(&app, "home").await, 10_000);
+    assert_eq!(app.stats().await["write_behind"]["pending"], 0);
+    app.finish().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_flusher_killed_mid_batch_and_restarted_still_counts_every_view_once(pool: PgPool) {
+    // A service whose own flusher waits an hour between flushes, so the
+    // views stay in the stream for the "dead" flushers below.
+    let mut settings = CachingApp::settings();
+    settings.flush_interval_ms = 3_600_000;
+    let prefix = settings.key_prefix.clone();
+    let first = CachingApp::start(pool.clone(), settings.clone()).await;
+    for _ in 0..1000 {
+        let response = first
+            .http
+            .post(first.url("/pages/docs/views"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+
+    let stream_key = format!("{prefix}views:stream");
+    let redis = first.redis.clone();
+    let read = |consumer: &'static str, count: usize| {
+        let (mut redis, stream_key) = (redis.clone(), stream_key.clone());
+        async move {
+            let options = redis::streams::StreamReadOptions::default()
+                .group("flushers", consumer)
+                .count(count);
+            let reply: redis::streams::StreamReadReply = redis
+                .xread_options(&[&stream_key], &[">"], &options)
+                .await
+                .unwrap();
+            reply
+                .keys
+                .into_iter()
+                .flat_map(|k| k.ids)
+                .collect::<Vec<_>>()
+        }
+    };
+    // Flusher A read 400 views and died before committing them.
+    assert_eq!(read("dead-a", 400).await.len(), 400);
+    // Flusher B read 300, committed them, and died before XACK.
+    let committed = read("dead-b", 300).await;
+    let metrics = lab_core::metrics::Metrics::new("test");
+    let b = caching::App::new(
+        pool.clone(),
+        redis.clone(),
+        &redis_url(),
+        settings.clone(),
+        &metrics,
+    );
+    assert_eq!(caching::views::apply(&b, &committed).await.unwrap(), 300);
+    // What the first service's own flusher took before its hour-long nap
+    // (a view or two that arrived during its first flush, if any).
+    let early = first.stats().await["write_behind"]["flushed_views"]
+        .as_u64()
+        .unwrap();
+    // The service itself dies too, without draining.
+    first.kill();
+
+    // A new flusher starts: it claims A's entries, re-applies B's (counted
+    // once), and flushes the rest.
+    settings.flush_interval_ms = 100;
+    let second = CachingApp::start(pool, settings).await;
+    assert_eq!(wait_for_db_views(&second, "docs", 1000).await, 1000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        db_views(&second, "docs").await,
+        1000,
+        "nothing counted twice"
+    );
+    // The new flusher counted A's 400 and the 300 nobody had read; B's 300
+    // came round again and were recognised as counted already.
+    let stats = second.stats().await;
+    assert_eq!(
+        stats["write_behind"]["flushed_views"],
+        700 - early,
+        "{stats}"
+    );
+    assert_eq!(stats["write_behind"]["pending"], 0, "{stats}");
+    second.finish().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn with_redis_cut_reads_bypass_writes_through_fail_and_nothing_acknowledged_is_lost(
+    pool: PgPool,
+) {
+    let target = redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let proxy = Proxy::start(&target).await;
+    let app =
+        CachingApp::start_with_redis(pool.clone(), CachingApp::settings(), &proxy.url("redis"))
+            .await;
+
+    let id = create_profile(&app, "Before").await;
+    assert_eq!(read_profile(&app, &id).await.1, "miss");
+    assert_eq!(read_profile(&app, &id).await.1, "hit");
+    let put = |sku: &str, quantity: i64| {
+        app.http
+            .put(app.url(&format!("/inventory/{sku}")))
+            .json(&json!({"quantity": quantity}))
+            .send()
+    };
+    assert_eq!(put("BOLT", 10).await.unwrap().status(), StatusCode::OK);
+    for _ in 0..50 {
+        let response = app
+            .http
+            .post(app.url("/pages/blog/views"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+
+    proxy.cut();
+
+    // Cache-aside reads are served from Postgres.
+    let (status, cache, body) = read_profile(&app, &id).await;
+    assert_eq!((status, cache.as_str()), (StatusCode::OK, "bypass"));
+    assert_eq!(body["name"], "Before");
+    // Cache-aside writes still succeed; the cached copy is now stale.
+    let response = app
+        .http
+        .put(app.url(&format!("/profiles/{id}")))
+        .json(&json!({"name": "During", "email": "ada@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // Write-through refuses, and writes nothing.
+    let response = put("BOLT", 99).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let error: Value = response.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Redis"),
+        "{error}"
+    );
+    let response = app
+        .http
+        .post(app.url("/inventory/BOLT/reserve"))
+        .json(&json!({"quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Write-through reads fall back to Postgres, which is the truth.
+    let response = app
+        .http
+        .get(app.url("/inventory/BOLT"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-cache"], "bypass");
+    assert_eq!(response.json::<Value>().await.unwrap()["quantity"], 10);
+    // Write-behind cannot accept a view it could not keep.
+    let response = app
+        .http
+        .post(app.url("/pages/blog/views"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Readiness names Redis.
+    let response = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let ready: Value = response.json().await.unwrap();
+    let redis_check = ready["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "redis")
+        .unwrap();
+    assert_eq!(redis_check["ok"], false, "{ready}");
+
+    proxy.restore();
+
+    // The stale "Before" still sits in Redis, yet no read may return it.
+    for _ in 0..20 {
+        let (status, _, body) = read_profile(&app, &id).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["name"], "During", "a stale cache entry was served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut redis = app.redis.clone();
+    let key = format!("{}profile:{id}", app.prefix);
+    let mut cached: Option<String> = redis.get(&key).await.unwrap();
+    for _ in 0..50 {
+        if cached.as_deref().is_none_or(|c| c.contains("During")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cached = redis.get(&key).await.unwrap();
+    }
+    assert!(
+        cached.as_deref().is_none_or(|c| c.contains("During")),
+        "the stale key was deleted: {cached:?}"
+    );
+
+    // Nothing acknowledged was lost, and the refused write did not happen.
+    let quantity: i64 = sqlx::query_scalar("SELECT quantity FROM inventory WHERE sku = 'BOLT'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(quantity, 10);
+    assert_eq!(wait_for_db_views(&app, "blog", 50).await, 50);
+    let response = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    app.finish().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn bad_input_gets_the_documented_error(pool: PgPool) {
+    let app = CachingApp::start(pool, CachingApp::settings()).await;
+    let send = |method: reqwest::Method, path: &str, body: Value| {
+        app.http.request(method, app.url(path)).json(&body).send()
+    };
+    let expect = |response: reqwest::Response, status: StatusCode, names: &'static str| async move {
+        assert_eq!(response.status(), status);
+        let body: Value = response.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(names), "{message:?} should name {names}");
+    };
+    use reqwest::Method;
+    let put = send(Method::PUT, "/inventory/NUT", json!({"quantity": "ten"}))
+        .await
+        .unwrap();
+    expect(put, StatusCode::UNPROCESSABLE_ENTITY, "quantity").await;
+    let put = send(Method::PUT, "/inventory/NUT", json!({"quantity": -1}))
+        .await
+        .unwrap();
+    expect(put, StatusCode::UNPROCESSABLE_ENTITY, "quantity").await;
+    let put = send(Method::PUT, "/inventory/nut", json!({"quantity": 1}))
+        .await
+        .unwrap();
+    expect(put, StatusCode::UNPROCESSABLE_ENTITY, "sku").await;
+    let reserve = send(
+        Method::POST,
+        "/inventory/NOPE/reserve",
+        json!({"quantity": 1}),
+    )
+    .await
+    .unwrap();
+    expect(reserve, StatusCode::NOT_FOUND, "NOPE").await;
+    let reserve = send(
+        Method::POST,
+        "/inventory/NUT/reserve",
+        json!({"quantity": 0}),
+    )
+    .await
+    .unwrap();
+    expect(reserve, StatusCode::UNPROCESSABLE_ENTITY, "quantity").await;
+    let profile = send(
+        Method::POST,
+        "/profiles",
+        json!({"name": "Ada", "email": "nope"}),
+    )
+    .await
+    .unwrap();
+    expect(profile, StatusCode::UNPROCESSABLE_ENTITY, "email").await;
+    let profile = app.http.get(app.url("/profiles/42")).send().await.unwrap();
+    expect(profile, StatusCode::UNPROCESSABLE_ENTITY, "id").await;
+    let views = app
+        .http
+        .post(app.url("/pages/a%20b/views"))
+        .send()
+        .await
+        .unwrap();
+    expect(views, StatusCode::UNPROCESSABLE_ENTITY, "page").await;
+    let big = json!({"name": "x".repeat(65 * 1024), "email": "a@b.c"});
+    let profile = send(Method::POST, "/profiles", big).await.unwrap();
+    assert_eq!(profile.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    app.finish().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn stats_show_redis_and_readyz_checks_both_backends(pool: PgPool) {
+    let app = CachingApp::start(pool, CachingApp::settings()).await;
+    let ready: Value = app
+        .http
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready["checks"],
+        json!([{"name": "postgres", "ok": true}, {"name": "redis", "ok": true}])
+    );
+    let stats = app.stats().await;
+    assert!(stats["redis"]["keys"].is_u64(), "{stats}");
+    assert!(stats["redis"]["evicted_keys"].is_u64(), "{stats}");
+    assert!(stats["redis"]["maxmemory_policy"].is_string(), "{stats}");
+    app.finish().await.unwrap();
+}
