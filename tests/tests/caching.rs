@@ -85,8 +85,8 @@ async fn first_read_misses_and_second_hits(pool: PgPool) {
     );
 
     let stats = app.stats().await;
-    assert_eq!(stats["cache_aside"]["hits"], 1);
-    assert_eq!(stats["cache_aside"]["misses"], 1);
+    assert_eq!(stats["cache"]["hits"], 1);
+    assert_eq!(stats["cache"]["misses"], 1);
     app.finish().await.unwrap();
 }
 

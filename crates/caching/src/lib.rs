@@ -43,6 +43,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Settings {
     /// HTTP listen address.
     #[arg(
+        id = "caching_http_addr",
+        value_name = "ADDR",
         long = "caching-http-addr",
         env = "CACHING_HTTP_ADDR",
         default_value = "0.0.0.0:8081"

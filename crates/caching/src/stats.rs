@@ -81,7 +81,7 @@ pub async fn get(State(app): State<App>) -> Json<Value> {
         }),
     };
     Json(json!({
-        "cache_aside": {
+        "cache": {
             "hits": s.hits.get(),
             "misses": s.misses.get(),
             "bypasses": s.bypasses.get(),

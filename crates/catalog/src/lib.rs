@@ -34,6 +34,8 @@ pub use domain::Catalog;
 pub struct Addrs {
     /// REST listen address (HTTP/1.1 and HTTP/2 cleartext).
     #[arg(
+        id = "catalog_http_addr",
+        value_name = "ADDR",
         long = "catalog-http-addr",
         env = "CATALOG_HTTP_ADDR",
         default_value = "0.0.0.0:8080"
@@ -41,6 +43,8 @@ pub struct Addrs {
     pub http_addr: String,
     /// gRPC listen address.
     #[arg(
+        id = "catalog_grpc_addr",
+        value_name = "ADDR",
         long = "catalog-grpc-addr",
         env = "CATALOG_GRPC_ADDR",
         default_value = "0.0.0.0:50051"

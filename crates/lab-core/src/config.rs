@@ -23,6 +23,7 @@ pub struct PostgresConfig {
 /// Where the lab's Redis lives.
 #[derive(Args, Debug, Clone)]
 pub struct RedisConfig {
+    /// Redis connection URL.
     #[arg(long = "redis-url", env = "REDIS_URL", default_value = DEFAULT_REDIS_URL)]
     pub redis_url: String,
 }
@@ -30,6 +31,7 @@ pub struct RedisConfig {
 /// Where the lab's RabbitMQ lives.
 #[derive(Args, Debug, Clone)]
 pub struct AmqpConfig {
+    /// RabbitMQ connection URL (AMQP 0.9.1).
     #[arg(long = "amqp-url", env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
     pub amqp_url: String,
 }
@@ -37,6 +39,7 @@ pub struct AmqpConfig {
 /// Where the lab's MQTT broker lives.
 #[derive(Args, Debug, Clone)]
 pub struct MqttConfig {
+    /// MQTT broker URL.
     #[arg(long = "mqtt-url", env = "MQTT_URL", default_value = DEFAULT_MQTT_URL)]
     pub mqtt_url: String,
 }

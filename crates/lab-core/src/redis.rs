@@ -19,12 +19,21 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use crate::{http::Dependency, postgres::start_hint};
 
 pub fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
-    let client = redis::Client::open(url).with_context(|| {
-        format!(
-            "REDIS_URL is not a valid Redis URL: {}",
-            crate::postgres::redact(url)
-        )
-    })?;
+    use redis::IntoConnectionInfo;
+    let info = url
+        .into_connection_info()
+        .with_context(|| {
+            format!(
+                "REDIS_URL is not a valid Redis URL: {}",
+                crate::postgres::redact(url)
+            )
+        })?
+        // redis-rs leaves Nagle's algorithm on by default: a small command
+        // can then wait for the ACK of the previous packet, which delayed
+        // ACKs stretch (measured here: a cache hit at ~570 µs p50 instead of
+        // ~260). A cache exists to be fast; turn Nagle off.
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    let client = redis::Client::open(info).context("cannot set up the Redis client")?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(Duration::from_secs(1)))

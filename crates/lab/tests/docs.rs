@@ -369,6 +369,7 @@ fn run_file(file: &str, steps: &[Step], bin: &Path, work: &Path, problems: &mut 
         .env("LAB_BENCH_DURATION", "100ms")
         .env("LAB_BENCH_WARMUP", "0s")
         .env("LAB_BENCH_SEED", "20")
+        .env("LAB_BENCH_FRESH", "40")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .status()
