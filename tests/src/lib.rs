@@ -222,6 +222,7 @@ impl CachingApp {
             flush_interval_ms: 100,
             flush_batch_size: 500,
             flush_claim_idle_ms: 300,
+            invalidation_retry_ms: 200,
         }
     }
 

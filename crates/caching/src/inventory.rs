@@ -12,11 +12,15 @@
 //! - If Redis fails, the transaction rolls back and the client gets 503:
 //!   nothing was written, and a retry is safe. (Commit-then-Redis would have
 //!   to answer 503 for a write that did happen.)
-//! - If the commit fails after Redis was updated, the key is deleted, so the
-//!   next read reloads from Postgres.
-//! - Every cached value carries the row's version, and Redis only accepts a
-//!   higher one (a small Lua script), so a read that loaded an old row cannot
-//!   overwrite a newer value a write just put there.
+//! - If the commit fails after Redis was updated (or the Redis call timed out
+//!   after it ran), the key is deleted, or, while Redis is unreachable, kept
+//!   in the stale set that reads bypass until it is deleted.
+//! - Every cached value carries the row's version, drawn from a sequence, and
+//!   Redis only accepts a higher one (a small Lua script), so a read that
+//!   loaded an old row cannot overwrite a newer value a write just put there,
+//!   and a version seen only by a rolled-back write is never reused.
+//! - A concurrent reader may see the new value in Redis a moment before the
+//!   commit lands: early, never stale.
 //!
 //! Reservations take stock atomically in SQL (`quantity >= n` in the UPDATE's
 //! WHERE), so concurrent reservations never oversell. While Redis is down,
@@ -107,7 +111,7 @@ pub async fn set(
     let (quantity, version): (i64, i64) = sqlx::query_as(
         "INSERT INTO inventory (sku, quantity) VALUES ($1, $2)
          ON CONFLICT (sku) DO UPDATE
-           SET quantity = EXCLUDED.quantity, version = inventory.version + 1, updated_at = now()
+           SET quantity = EXCLUDED.quantity, version = nextval('inventory_version_seq'), updated_at = now()
          RETURNING quantity, version",
     )
     .bind(&sku)
@@ -136,7 +140,7 @@ pub async fn reserve(
     }
     let mut tx = app.pool.begin().await.map_err(|err| app.pg_error(err))?;
     let taken: Option<(i64, i64)> = sqlx::query_as(
-        "UPDATE inventory SET quantity = quantity - $2, version = version + 1, updated_at = now()
+        "UPDATE inventory SET quantity = quantity - $2, version = nextval('inventory_version_seq'), updated_at = now()
          WHERE sku = $1 AND quantity >= $2
          RETURNING quantity, version",
     )
@@ -176,8 +180,11 @@ async fn write_through(
     stock: &Stock,
 ) -> Result<()> {
     if let Err(err) = cache_set(app, stock).await {
-        // Dropping `tx` rolls it back: the client is told nothing happened,
-        // and nothing did.
+        // Dropping `tx` rolls it back: Postgres keeps the old value. The
+        // script may still have run (a timeout, not a refusal), so Redis may
+        // hold a value that was never committed: keep reads off the key until
+        // it is deleted.
+        app.mark_stale(key(app, &stock.sku));
         return Err(match app.redis_error(&err) {
             Error::RedisDown(message) => Error::RedisDown(format!(
                 "write-through needs Redis and nothing was written: {message}"
@@ -186,9 +193,11 @@ async fn write_through(
         });
     }
     if let Err(err) = tx.commit().await {
-        // Redis may now hold a value Postgres never committed: drop it.
+        // Redis now holds a value Postgres never committed: drop it.
         let mut conn = app.redis.clone();
-        let _ = conn.del::<_, ()>(key(app, &stock.sku)).await;
+        if conn.del::<_, ()>(key(app, &stock.sku)).await.is_err() {
+            app.mark_stale(key(app, &stock.sku));
+        }
         return Err(app.pg_error(err));
     }
     app.stats.postgres_writes.inc();
@@ -198,6 +207,11 @@ async fn write_through(
 /// `GET /inventory/{sku}`: from Redis; on a miss from Postgres, filling Redis.
 pub async fn get(State(app): State<App>, Path(sku): Path<String>) -> Result<Response> {
     validate_sku(&sku)?;
+    if app.is_stale(&key(&app, &sku)) {
+        app.stats.bypasses.inc();
+        let stock = load(&app, &sku, false).await?;
+        return Ok(respond(&sku, stock, "bypass"));
+    }
     let mut conn = app.redis.clone();
     let (stock, outcome) = match conn.get::<_, Option<String>>(key(&app, &sku)).await {
         Ok(Some(cached)) => match parse(&sku, &cached) {
@@ -217,6 +231,10 @@ pub async fn get(State(app): State<App>, Path(sku): Path<String>) -> Result<Resp
             (load(&app, &sku, false).await?, "bypass")
         }
     };
+    Ok(respond(&sku, stock, outcome))
+}
+
+fn respond(sku: &str, stock: Option<Stock>, outcome: &'static str) -> Response {
     let header = (
         HeaderName::from_static("x-cache"),
         HeaderValue::from_static(outcome),
@@ -225,7 +243,7 @@ pub async fn get(State(app): State<App>, Path(sku): Path<String>) -> Result<Resp
         Some(stock) => Json(stock).into_response(),
         None => Error::NotFound(format!("no stock record for sku {sku}")).into_response(),
     };
-    Ok(([header], body).into_response())
+    ([header], body).into_response()
 }
 
 fn parse(sku: &str, cached: &str) -> Option<Stock> {

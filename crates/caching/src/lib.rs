@@ -32,7 +32,7 @@ use axum::{
 };
 use clap::ValueEnum;
 use lab_core::{ApiError, http::bind, metrics::Metrics};
-use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, aio::ConnectionManager};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -85,6 +85,13 @@ pub struct Settings {
         default_value_t = 10_000
     )]
     pub flush_claim_idle_ms: u64,
+    /// How often keys whose invalidation failed are retried while Redis is away.
+    #[arg(
+        long = "cache-invalidation-retry-ms",
+        env = "CACHE_INVALIDATION_RETRY_MS",
+        default_value_t = 200
+    )]
+    pub invalidation_retry_ms: u64,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +163,8 @@ pub struct App {
     redis_place: Arc<str>,
     pub(crate) settings: Arc<Settings>,
     pub(crate) stats: Arc<stats::Stats>,
-    pub(crate) flights: Arc<Mutex<HashMap<uuid::Uuid, profiles::Flight>>>,
+    /// Loads in flight, by profile id, each with its generation number.
+    pub(crate) flights: Arc<Mutex<HashMap<uuid::Uuid, (u64, profiles::Flight)>>>,
     /// Cache-aside keys whose invalidation failed while Redis was down.
     pub(crate) stale: Arc<Mutex<HashSet<String>>>,
 }
@@ -178,6 +186,16 @@ impl App {
             flights: Arc::default(),
             stale: Arc::default(),
         }
+    }
+
+    /// Remembers a key whose Redis copy may be wrong (its invalidation
+    /// failed); reads bypass it until `profiles::retry_invalidations` deletes it.
+    pub(crate) fn mark_stale(&self, key: String) {
+        self.stale.lock().expect("stale set poisoned").insert(key);
+    }
+
+    pub(crate) fn is_stale(&self, key: &str) -> bool {
+        self.stale.lock().expect("stale set poisoned").contains(key)
     }
 
     pub(crate) fn key(&self, rest: &str) -> String {
@@ -266,7 +284,7 @@ pub async fn serve(
         }
     };
     let flusher = views::Flusher::new(app.clone()).run(flush_stop);
-    let invalidator = profiles::retry_invalidations(app, shutdown.clone());
+    let invalidator = retry_invalidations(app, shutdown.clone());
     lab_core::shutdown::supervise(
         &shutdown,
         vec![
@@ -289,7 +307,37 @@ pub(crate) fn jittered_ttl(ttl_secs: u64) -> u64 {
     (ttl.round() as u64).max(1)
 }
 
-pub(crate) const INVALIDATION_RETRY: Duration = Duration::from_millis(200);
+/// Deletes the keys whose invalidation failed (profiles and inventory), as
+/// soon as Redis answers.
+pub async fn retry_invalidations(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(Duration::from_millis(app.settings.invalidation_retry_ms)) => {}
+        }
+        let keys: Vec<String> = app
+            .stale
+            .lock()
+            .expect("stale set poisoned")
+            .iter()
+            .cloned()
+            .collect();
+        if keys.is_empty() {
+            continue;
+        }
+        let mut conn = app.redis.clone();
+        if conn.del::<_, ()>(&keys).await.is_ok() {
+            let mut stale = app.stale.lock().expect("stale set poisoned");
+            for key in &keys {
+                stale.remove(key);
+            }
+            tracing::info!(
+                keys = keys.len(),
+                "stale cache keys deleted after Redis came back"
+            );
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

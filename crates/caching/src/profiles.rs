@@ -28,14 +28,15 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use chrono::{DateTime, Utc};
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use futures::{FutureExt, future::Shared};
 use lab_core::{Json, Query};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{App, Error, INVALIDATION_RETRY, Result, Switch, invalid, jittered_ttl};
+use crate::{App, Error, Result, Switch, invalid, jittered_ttl};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Profile {
@@ -57,6 +58,15 @@ pub struct ProfileInput {
 
 impl ProfileInput {
     fn validate(&self) -> Result<()> {
+        for (field, value) in [
+            ("name", &self.name),
+            ("email", &self.email),
+            ("bio", &self.bio),
+        ] {
+            if value.contains('\0') {
+                return Err(invalid(field, "must not contain NUL characters"));
+            }
+        }
         let name = self.name.chars().count();
         if name == 0 || name > 100 || self.name.trim().is_empty() {
             return Err(invalid("name", "must be 1-100 characters, not all blank"));
@@ -166,7 +176,7 @@ pub async fn get(
 /// The cache-aside read.
 pub async fn read(app: &App, id: Uuid) -> Result<(Option<Profile>, Outcome)> {
     let key = cache_key(app, id);
-    if app.stale.lock().expect("stale set poisoned").contains(&key) {
+    if app.is_stale(&key) {
         app.stats.bypasses.inc();
         return Ok((load(app, id).await?, Outcome::Bypass));
     }
@@ -201,43 +211,85 @@ pub async fn read(app: &App, id: Uuid) -> Result<(Option<Profile>, Outcome)> {
 async fn single_flight(app: &App, id: Uuid, key: String) -> Result<Option<Profile>> {
     let flight = {
         let mut flights = app.flights.lock().expect("flights poisoned");
-        flights
-            .entry(id)
-            .or_insert_with(|| {
-                let app = app.clone();
-                let task = tokio::spawn(async move {
-                    // Our GET missed, but a flight that just ended may have
-                    // filled the key since: look again before going to Postgres.
-                    let mut conn = app.redis.clone();
-                    let cached = conn.get::<_, Option<String>>(&key).await.ok().flatten();
-                    let result = match cached.and_then(|json| serde_json::from_str(&json).ok()) {
-                        Some(profile) => Ok(Some(profile)),
-                        None => load_and_fill(&app, id, &key).await,
-                    };
-                    app.flights.lock().expect("flights poisoned").remove(&id);
-                    result
-                });
-                async move { task.await.unwrap_or(Err(Error::Internal)) }
-                    .boxed()
-                    .shared()
-            })
-            .clone()
+        if let Some((_, flight)) = flights.get(&id) {
+            flight.clone()
+        } else {
+            let generation = NEXT_FLIGHT.fetch_add(1, Ordering::Relaxed);
+            let app = app.clone();
+            let task = tokio::spawn(async move {
+                // Leaves the map however the task ends, panics included.
+                let _landed = Landed {
+                    app: app.clone(),
+                    id,
+                    generation,
+                };
+                // Our GET missed, but a flight that just ended may have
+                // filled the key since: look again before going to Postgres.
+                let mut conn = app.redis.clone();
+                let cached = conn.get::<_, Option<String>>(&key).await.ok().flatten();
+                if let Some(profile) = cached.and_then(|json| serde_json::from_str(&json).ok()) {
+                    return Ok(Some(profile));
+                }
+                let profile = load(&app, id).await?;
+                // A write that landed while we read invalidated this flight:
+                // our row may be older than it, so do not cache it.
+                if is_current(&app, id, generation) {
+                    fill(&app, &key, profile.as_ref()).await;
+                }
+                Ok(profile)
+            });
+            let flight = async move { task.await.unwrap_or(Err(Error::Internal)) }
+                .boxed()
+                .shared();
+            flights.insert(id, (generation, flight.clone()));
+            flight
+        }
     };
     flight.await
 }
 
-async fn load_and_fill(app: &App, id: Uuid, key: &str) -> Result<Option<Profile>> {
-    let profile = load(app, id).await?;
-    if let Some(profile) = &profile {
-        let json = serde_json::to_string(profile).expect("a profile serialises");
-        let ttl = jittered_ttl(app.settings.ttl_secs);
-        let mut conn = app.redis.clone();
-        // Filling the cache is best effort: the reader has its row either way.
-        if let Err(err) = conn.set_ex::<_, _, ()>(key, json, ttl).await {
-            tracing::debug!(%err, "could not fill the cache");
+/// Numbers the flights, so a finished or invalidated one never removes or
+/// outlives its successor.
+static NEXT_FLIGHT: AtomicU64 = AtomicU64::new(0);
+
+struct Landed {
+    app: App,
+    id: Uuid,
+    generation: u64,
+}
+
+impl Drop for Landed {
+    fn drop(&mut self) {
+        let mut flights = self.app.flights.lock().expect("flights poisoned");
+        if flights
+            .get(&self.id)
+            .is_some_and(|(g, _)| *g == self.generation)
+        {
+            flights.remove(&self.id);
         }
     }
+}
+
+fn is_current(app: &App, id: Uuid, generation: u64) -> bool {
+    let flights = app.flights.lock().expect("flights poisoned");
+    flights.get(&id).is_some_and(|(g, _)| *g == generation)
+}
+
+async fn load_and_fill(app: &App, id: Uuid, key: &str) -> Result<Option<Profile>> {
+    let profile = load(app, id).await?;
+    fill(app, key, profile.as_ref()).await;
     Ok(profile)
+}
+
+/// Filling the cache is best effort: the reader has its row either way.
+async fn fill(app: &App, key: &str, profile: Option<&Profile>) {
+    let Some(profile) = profile else { return };
+    let json = serde_json::to_string(profile).expect("a profile serialises");
+    let ttl = jittered_ttl(app.settings.ttl_secs);
+    let mut conn = app.redis.clone();
+    if let Err(err) = conn.set_ex::<_, _, ()>(key, json, ttl).await {
+        tracing::debug!(%err, "could not fill the cache");
+    }
 }
 
 async fn load(app: &App, id: Uuid) -> Result<Option<Profile>> {
@@ -269,7 +321,7 @@ pub async fn update(
     .map_err(|err| app.pg_error(err))?
     .ok_or_else(|| Error::NotFound(format!("no profile with id {id}")))?;
     app.stats.postgres_writes.inc();
-    invalidate(&app, cache_key(&app, id)).await;
+    invalidate(&app, id).await;
     Ok(Json(profile))
 }
 
@@ -284,48 +336,21 @@ pub async fn delete(State(app): State<App>, Path(id): Path<String>) -> Result<St
         return Err(Error::NotFound(format!("no profile with id {id}")));
     }
     app.stats.postgres_writes.inc();
-    invalidate(&app, cache_key(&app, id)).await;
+    invalidate(&app, id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Deletes the key after a write. The write is committed already, so a
-/// failure here must not fail the request: the key is remembered as stale
-/// instead, and reads bypass it until it is gone.
-async fn invalidate(app: &App, key: String) {
+/// Deletes the key after a write, and detaches any load in flight for it
+/// (it may have read the row before the write), so the next miss loads anew.
+/// The write is committed already, so a Redis failure here must not fail the
+/// request: the key is remembered as stale instead, and reads bypass it until
+/// it is gone.
+async fn invalidate(app: &App, id: Uuid) {
+    app.flights.lock().expect("flights poisoned").remove(&id);
+    let key = cache_key(app, id);
     let mut conn = app.redis.clone();
     if let Err(err) = conn.del::<_, ()>(&key).await {
         tracing::warn!(%key, %err, "could not invalidate; serving around it until Redis is back");
-        app.stale.lock().expect("stale set poisoned").insert(key);
-    }
-}
-
-/// Deletes the keys whose invalidation failed, as soon as Redis answers.
-pub async fn retry_invalidations(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(INVALIDATION_RETRY) => {}
-        }
-        let keys: Vec<String> = app
-            .stale
-            .lock()
-            .expect("stale set poisoned")
-            .iter()
-            .cloned()
-            .collect();
-        if keys.is_empty() {
-            continue;
-        }
-        let mut conn = app.redis.clone();
-        if conn.del::<_, ()>(&keys).await.is_ok() {
-            let mut stale = app.stale.lock().expect("stale set poisoned");
-            for key in &keys {
-                stale.remove(key);
-            }
-            tracing::info!(
-                keys = keys.len(),
-                "stale cache keys deleted after Redis came back"
-            );
-        }
+        app.mark_stale(key);
     }
 }

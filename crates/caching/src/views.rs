@@ -206,6 +206,9 @@ impl Flusher {
                 Ok(_) => interval,
                 Err(err) => {
                     tracing::warn!("write-behind flush failed, will retry: {err}");
+                    // A Redis that restarted without persistence has lost the
+                    // stream and its group (NOGROUP): create them again.
+                    group_ready = false;
                     interval
                 }
             };
@@ -309,7 +312,10 @@ impl Flusher {
         }
         apply(app, &entries).await?;
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        // Acknowledge and delete together: an entry acknowledged but left in
+        // the stream would count as backlog forever.
         let _: () = redis::pipe()
+            .atomic()
             .xack(&key, GROUP, &ids)
             .ignore()
             .xdel(&key, &ids)
@@ -317,8 +323,36 @@ impl Flusher {
             .query_async(&mut conn)
             .await
             .map_err(|err| app.redis_error(&err))?;
+        forget_old_entries(app).await?;
         Ok(entries.len())
     }
+}
+
+/// Entry ids are remembered only while the entry could still come back: as
+/// long as it, or anything older, is still in the stream. Everything applied
+/// before the oldest entry left in the stream (a minute of margin for clocks)
+/// can go.
+async fn forget_old_entries(app: &App) -> Result<()> {
+    let mut conn = app.redis.clone();
+    let oldest: redis::streams::StreamRangeReply = conn
+        .xrange_count(stream_key(app), "-", "+", 1)
+        .await
+        .map_err(|err| app.redis_error(&err))?;
+    let horizon_ms = oldest
+        .ids
+        .first()
+        .and_then(|entry| entry.id.split_once('-'))
+        .and_then(|(ms, _)| ms.parse::<u64>().ok())
+        .unwrap_or_else(now_ms);
+    sqlx::query(
+        "DELETE FROM page_view_entries
+         WHERE applied_at < to_timestamp($1::float8 / 1000) - interval '1 minute'",
+    )
+    .bind(horizon_ms as f64)
+    .execute(&app.pool)
+    .await
+    .map_err(|err| app.pg_error(err))?;
+    Ok(())
 }
 
 /// Commits a batch of stream entries to Postgres, counting each entry id at
@@ -344,13 +378,14 @@ pub async fn apply(app: &App, entries: &[StreamId]) -> Result<u64> {
              SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS b(entry, page)
          ), fresh AS (
              INSERT INTO page_view_entries (entry)
-             SELECT entry FROM batch ON CONFLICT DO NOTHING
+             SELECT entry FROM batch ORDER BY entry  -- one lock order for every flusher
+             ON CONFLICT DO NOTHING
              RETURNING entry
          ), counts AS (
              SELECT b.page, count(*) AS n FROM batch b JOIN fresh f USING (entry) GROUP BY b.page
          ), upserted AS (
              INSERT INTO page_views (page, views)
-             SELECT page, n FROM counts
+             SELECT page, n FROM counts ORDER BY page
              ON CONFLICT (page) DO UPDATE
                SET views = page_views.views + EXCLUDED.views, updated_at = now()
              RETURNING 1
@@ -363,11 +398,6 @@ pub async fn apply(app: &App, entries: &[StreamId]) -> Result<u64> {
     .await
     .map(|n: i64| n as u64)
     .map_err(|err| app.pg_error(err))?;
-    // Remembered ids only need to outlive a redelivery: keep an hour.
-    sqlx::query("DELETE FROM page_view_entries WHERE applied_at < now() - interval '1 hour'")
-        .execute(&mut *tx)
-        .await
-        .map_err(|err| app.pg_error(err))?;
     tx.commit().await.map_err(|err| app.pg_error(err))?;
     app.stats.flushes.inc();
     app.stats.flushed_views.inc_by(counted);

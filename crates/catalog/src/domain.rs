@@ -105,7 +105,16 @@ fn validate_sku(sku: &str) -> Result<()> {
     Ok(())
 }
 
+/// Postgres text cannot hold NUL; refuse it here rather than fail in SQL.
+fn no_nul(field: &'static str, value: &str) -> Result<()> {
+    if value.contains('\0') {
+        return Err(invalid(field, "must not contain NUL characters"));
+    }
+    Ok(())
+}
+
 fn validate_name(name: &str) -> Result<()> {
+    no_nul("name", name)?;
     let len = name.chars().count();
     if len == 0 || len > 200 || name.trim().is_empty() {
         return Err(invalid("name", "must be 1-200 characters, not all blank"));
@@ -114,6 +123,7 @@ fn validate_name(name: &str) -> Result<()> {
 }
 
 fn validate_description(description: &str) -> Result<()> {
+    no_nul("description", description)?;
     if description.chars().count() > 2000 {
         return Err(invalid("description", "must be at most 2000 characters"));
     }
@@ -140,6 +150,9 @@ fn validate_currency(currency: &str) -> Result<()> {
 fn validate_tags(tags: &[String]) -> Result<()> {
     if tags.len() > 20 {
         return Err(invalid("tags", "at most 20 tags"));
+    }
+    for tag in tags {
+        no_nul("tags", tag)?;
     }
     if let Some(bad) = tags.iter().find(|t| t.is_empty() || t.chars().count() > 32) {
         return Err(invalid(
@@ -419,6 +432,9 @@ mod tests {
             ("currency", Box::new(|p| p.currency = "eur".into())),
             ("tags", Box::new(|p| p.tags = vec!["t".into(); 21])),
             ("tags", Box::new(|p| p.tags = vec![String::new()])),
+            ("name", Box::new(|p| p.name = "nul\0".into())),
+            ("description", Box::new(|p| p.description = "\0".into())),
+            ("tags", Box::new(|p| p.tags = vec!["a\0".into()])),
         ];
         for (field, break_it) in cases {
             let mut product = valid();

@@ -85,8 +85,15 @@ pub fn describe(place: &str, err: &redis::RedisError) -> String {
     }
 }
 
-/// True when the error means "Redis is down or the connection broke".
+/// True when the error means "Redis is down, starting, or the connection
+/// broke": worth a 503, not a 500.
 pub fn is_unavailable(err: &redis::RedisError) -> bool {
+    if matches!(
+        err.code(),
+        Some("LOADING" | "TRYAGAIN" | "MASTERDOWN" | "READONLY" | "CLUSTERDOWN")
+    ) {
+        return true;
+    }
     err.is_io_error()
         || err.is_timeout()
         || err.is_connection_dropped()

@@ -45,3 +45,43 @@ async fn main() -> anyhow::Result<()> {
         Command::Doctor(doctor) => doctor::run(doctor).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser, error::ErrorKind};
+
+    /// Labs flatten their settings into `lab up` and `lab doctor` side by
+    /// side; building every subcommand here, rather than at a user's first
+    /// run, is what catches two settings with the same name.
+    #[test]
+    fn every_lab_setting_has_its_own_name() {
+        super::Cli::command().debug_assert();
+        let mut paths: Vec<Vec<String>> = Vec::new();
+        for sub in super::Cli::command().get_subcommands() {
+            let name = sub.get_name().to_owned();
+            paths.push(vec![name.clone()]);
+            for nested in sub.get_subcommands() {
+                paths.push(vec![name.clone(), nested.get_name().to_owned()]);
+            }
+        }
+        assert!(paths.len() >= 4, "{paths:?}");
+        for path in paths {
+            let args = ["lab".to_owned()]
+                .into_iter()
+                .chain(path.clone())
+                .chain(["--help".to_owned()]);
+            let err = match super::Cli::try_parse_from(args) {
+                Err(err) => err,
+                Ok(_) => panic!("`lab {} --help` parsed as a command", path.join(" ")),
+            };
+            assert!(
+                matches!(
+                    err.kind(),
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                ),
+                "lab {}: {err}",
+                path.join(" ")
+            );
+        }
+    }
+}

@@ -204,6 +204,7 @@ async fn stampede(args: &Args, protection: caching::Switch) -> anyhow::Result<St
         flush_interval_ms: 1000,
         flush_batch_size: 500,
         flush_claim_idle_ms: 10_000,
+        invalidation_retry_ms: 200,
     };
     let server = tokio::spawn(caching::serve(
         listener,
