@@ -520,65 +520,83 @@ async fn with_redis_cut_reads_bypass_writes_through_fail_and_nothing_acknowledge
 
 #[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
 async fn bad_input_gets_the_documented_error(pool: PgPool) {
-    let app = CachingApp::start(pool, CachingApp::settings()).await;
-    let send = |method: reqwest::Method, path: &str, body: Value| {
-        app.http.request(method, app.url(path)).json(&body).send()
-    };
-    let expect = |response: reqwest::Response, status: StatusCode, names: &'static str| async move {
-        assert_eq!(response.status(), status);
-        let body: Value = response.json().await.unwrap();
-        let message = body["error"]["message"].as_str().unwrap().to_owned();
-        assert!(message.contains(names), "{message:?} should name {names}");
-    };
     use reqwest::Method;
-    let put = send(Method::PUT, "/inventory/NUT", json!({"quantity": "ten"}))
-        .await
-        .unwrap();
-    expect(put, StatusCode::UNPROCESSABLE_ENTITY, "quantity").await;
-    let put = send(Method::PUT, "/inventory/NUT", json!({"quantity": -1}))
-        .await
-        .unwrap();
-    expect(put, StatusCode::UNPROCESSABLE_ENTITY, "quantity").await;
-    let put = send(Method::PUT, "/inventory/nut", json!({"quantity": 1}))
-        .await
-        .unwrap();
-    expect(put, StatusCode::UNPROCESSABLE_ENTITY, "sku").await;
-    let reserve = send(
-        Method::POST,
-        "/inventory/NOPE/reserve",
-        json!({"quantity": 1}),
-    )
-    .await
-    .unwrap();
-    expect(reserve, StatusCode::NOT_FOUND, "NOPE").await;
-    let reserve = send(
-        Method::POST,
-        "/inventory/NUT/reserve",
-        json!({"quantity": 0}),
-    )
-    .await
-    .unwrap();
-    expect(reserve, StatusCode::UNPROCESSABLE_ENTITY, "quantity").await;
-    let profile = send(
-        Method::POST,
-        "/profiles",
-        json!({"name": "Ada", "email": "nope"}),
-    )
-    .await
-    .unwrap();
-    expect(profile, StatusCode::UNPROCESSABLE_ENTITY, "email").await;
-    let profile = app.http.get(app.url("/profiles/42")).send().await.unwrap();
-    expect(profile, StatusCode::UNPROCESSABLE_ENTITY, "id").await;
-    let views = app
-        .http
-        .post(app.url("/pages/a%20b/views"))
-        .send()
-        .await
-        .unwrap();
-    expect(views, StatusCode::UNPROCESSABLE_ENTITY, "page").await;
-    let big = json!({"name": "x".repeat(65 * 1024), "email": "a@b.c"});
-    let profile = send(Method::POST, "/profiles", big).await.unwrap();
-    assert_eq!(profile.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let app = CachingApp::start(pool, CachingApp::settings()).await;
+    // (method, path, body, status, what the message must name)
+    let cases = [
+        (
+            Method::PUT,
+            "/inventory/NUT",
+            Some(json!({"quantity": "ten"})),
+            422,
+            "quantity",
+        ),
+        (
+            Method::PUT,
+            "/inventory/NUT",
+            Some(json!({"quantity": -1})),
+            422,
+            "quantity",
+        ),
+        (
+            Method::PUT,
+            "/inventory/nut",
+            Some(json!({"quantity": 1})),
+            422,
+            "sku",
+        ),
+        (
+            Method::POST,
+            "/inventory/NOPE/reserve",
+            Some(json!({"quantity": 1})),
+            404,
+            "NOPE",
+        ),
+        (
+            Method::POST,
+            "/inventory/NUT/reserve",
+            Some(json!({"quantity": 0})),
+            422,
+            "quantity",
+        ),
+        (
+            Method::POST,
+            "/profiles",
+            Some(json!({"name": "Ada", "email": "nope"})),
+            422,
+            "email",
+        ),
+        (
+            Method::POST,
+            "/profiles",
+            Some(json!({"name": "A\0", "email": "a@b.c"})),
+            422,
+            "name",
+        ),
+        (Method::GET, "/profiles/42", None, 422, "id"),
+        (Method::POST, "/pages/a%20b/views", None, 422, "page"),
+        (
+            Method::POST,
+            "/profiles",
+            Some(json!({"name": "x".repeat(65 * 1024), "email": "a@b.c"})),
+            413,
+            "bytes",
+        ),
+    ];
+    for (method, path, body, status, names) in cases {
+        let mut request = app.http.request(method.clone(), app.url(path));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{method} {path}");
+        let body: Value = response.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(names),
+            "{method} {path}: {message:?} should name {names}"
+        );
+    }
     app.finish().await.unwrap();
 }
 

@@ -149,19 +149,29 @@ pub async fn get(
 /// Entries waiting in the stream, and the age of the oldest one in ms.
 pub async fn backlog(app: &App) -> Result<(u64, u64)> {
     let mut conn = app.redis.clone();
-    let key = stream_key(app);
-    let pending: u64 = conn.xlen(&key).await.map_err(|err| app.redis_error(&err))?;
-    let oldest: redis::streams::StreamRangeReply = conn
-        .xrange_count(&key, "-", "+", 1)
+    let pending: u64 = conn
+        .xlen(stream_key(app))
         .await
         .map_err(|err| app.redis_error(&err))?;
-    let lag_ms = oldest
+    let lag_ms = oldest_entry_ms(app)
+        .await?
+        .map_or(0, |ms| now_ms().saturating_sub(ms));
+    Ok((pending, lag_ms))
+}
+
+/// When the oldest entry still in the stream was added (a stream id is
+/// `<ms>-<seq>`), or `None` when the stream is empty.
+async fn oldest_entry_ms(app: &App) -> Result<Option<u64>> {
+    let mut conn = app.redis.clone();
+    let oldest: redis::streams::StreamRangeReply = conn
+        .xrange_count(stream_key(app), "-", "+", 1)
+        .await
+        .map_err(|err| app.redis_error(&err))?;
+    Ok(oldest
         .ids
         .first()
         .and_then(|entry| entry.id.split_once('-'))
-        .and_then(|(ms, _)| ms.parse::<u64>().ok())
-        .map_or(0, |ms| now_ms().saturating_sub(ms));
-    Ok((pending, lag_ms))
+        .and_then(|(ms, _)| ms.parse::<u64>().ok()))
 }
 
 fn now_ms() -> u64 {
@@ -333,17 +343,7 @@ impl Flusher {
 /// before the oldest entry left in the stream (a minute of margin for clocks)
 /// can go.
 async fn forget_old_entries(app: &App) -> Result<()> {
-    let mut conn = app.redis.clone();
-    let oldest: redis::streams::StreamRangeReply = conn
-        .xrange_count(stream_key(app), "-", "+", 1)
-        .await
-        .map_err(|err| app.redis_error(&err))?;
-    let horizon_ms = oldest
-        .ids
-        .first()
-        .and_then(|entry| entry.id.split_once('-'))
-        .and_then(|(ms, _)| ms.parse::<u64>().ok())
-        .unwrap_or_else(now_ms);
+    let horizon_ms = oldest_entry_ms(app).await?.unwrap_or_else(now_ms);
     sqlx::query(
         "DELETE FROM page_view_entries
          WHERE applied_at < to_timestamp($1::float8 / 1000) - interval '1 minute'",
