@@ -79,92 +79,6 @@ pub async fn closed_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-/// A TCP proxy in front of a backing service, which a test can cut and
-/// restore, to break the network path without touching the shared server.
-pub mod proxy {
-    use std::{
-        net::SocketAddr,
-        sync::{
-            Arc,
-            atomic::{AtomicBool, Ordering},
-        },
-    };
-
-    use tokio::{
-        net::{TcpListener, TcpStream},
-        sync::watch,
-    };
-
-    pub struct Proxy {
-        pub addr: SocketAddr,
-        up: Arc<AtomicBool>,
-        cuts: watch::Sender<u64>,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    impl Proxy {
-        /// Listens on 127.0.0.1:0 and forwards every connection to `target`.
-        pub async fn start(target: &str) -> Self {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let up = Arc::new(AtomicBool::new(true));
-            let (cuts, _) = watch::channel(0u64);
-            let task = tokio::spawn({
-                let (up, cuts, target) = (up.clone(), cuts.clone(), target.to_owned());
-                async move {
-                    while let Ok((mut client, _)) = listener.accept().await {
-                        if !up.load(Ordering::SeqCst) {
-                            continue; // dropped: the client sees the connection close
-                        }
-                        let mut cut = cuts.subscribe();
-                        let target = target.clone();
-                        tokio::spawn(async move {
-                            let Ok(mut server) = TcpStream::connect(&target).await else {
-                                return;
-                            };
-                            let _ = client.set_nodelay(true);
-                            let _ = server.set_nodelay(true);
-                            tokio::select! {
-                                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                                _ = cut.changed() => {}
-                            }
-                        });
-                    }
-                }
-            });
-            Self {
-                addr,
-                up,
-                cuts,
-                task,
-            }
-        }
-
-        /// Closes every open connection and refuses new ones.
-        pub fn cut(&self) {
-            self.up.store(false, Ordering::SeqCst);
-            self.cuts.send_modify(|n| *n += 1);
-        }
-
-        /// Lets connections through again.
-        pub fn restore(&self) {
-            self.up.store(true, Ordering::SeqCst);
-        }
-
-        /// `redis://127.0.0.1:<port>` and friends: the target's URL via the proxy.
-        pub fn url(&self, scheme: &str) -> String {
-            format!("{scheme}://{}", self.addr)
-        }
-    }
-
-    impl Drop for Proxy {
-        fn drop(&mut self) {
-            self.task.abort();
-            self.cut();
-        }
-    }
-}
-
 /// The Redis the tests use: `REDIS_URL`, or the lab's default.
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| lab_core::config::DEFAULT_REDIS_URL.to_owned())
@@ -301,5 +215,164 @@ impl CachingApp {
 impl Drop for CachingApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// The RabbitMQ the tests use: `AMQP_URL`, or the lab's default.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| lab_core::config::DEFAULT_AMQP_URL.to_owned())
+}
+
+/// A channel on a direct connection to the real RabbitMQ, failing with what
+/// to do when it is down. The connection lives as long as the channel.
+pub async fn amqp_channel() -> lapin::Channel {
+    let url = amqp_url();
+    let connection = lab_core::amqp::connect(&url, "workshop-test")
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    connection.create_channel().await.unwrap()
+}
+
+/// One in-process service of the outbox lab (API, relay or consumer) on an
+/// ephemeral port.
+pub struct Service {
+    pub base: String,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+type Serve<F> = fn(TcpListener, PgPool, String, outbox::Settings, CancellationToken) -> F;
+
+impl Service {
+    async fn start<F>(
+        serve: Serve<F>,
+        pool: PgPool,
+        amqp_url: &str,
+        settings: &outbox::Settings,
+    ) -> Self
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            pool,
+            amqp_url.to_owned(),
+            settings.clone(),
+            shutdown.clone(),
+        ));
+        Self {
+            base,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub async fn api(pool: PgPool, amqp_url: &str, settings: &outbox::Settings) -> Self {
+        Self::start(outbox::orders::serve, pool, amqp_url, settings).await
+    }
+
+    pub async fn relay(pool: PgPool, amqp_url: &str, settings: &outbox::Settings) -> Self {
+        Self::start(outbox::relay::serve, pool, amqp_url, settings).await
+    }
+
+    pub async fn consumer(pool: PgPool, amqp_url: &str, settings: &outbox::Settings) -> Self {
+        Self::start(outbox::consumer::serve, pool, amqp_url, settings).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// GET `path` and parse the JSON body, whatever the status.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        reqwest::get(self.url(path))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Triggers shutdown and waits for the drain.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.take().expect("stopped once").await?
+    }
+
+    /// Kills the service mid-flight, the way a crash would: its tasks are
+    /// dropped, its connections closed, nothing drains.
+    pub fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Outbox settings for one test: its own exchange and queue, quick polls
+/// and quick takeovers. Deletes them from the shared broker when dropped.
+pub struct OutboxTopology {
+    pub settings: outbox::Settings,
+}
+
+impl OutboxTopology {
+    pub fn new() -> Self {
+        let name = format!("test.outbox.{}", uuid::Uuid::now_v7().simple());
+        Self {
+            settings: outbox::Settings {
+                http_addr: "127.0.0.1:0".into(),
+                relay_addr: "127.0.0.1:0".into(),
+                consumer_addr: "127.0.0.1:0".into(),
+                exchange: format!("{name}.events"),
+                queue: format!("{name}.notifications"),
+                notify: outbox::Switch::On,
+                relay_batch_size: 500,
+                relay_poll_interval_ms: 200,
+                relay_lease_retry_ms: 200,
+                retention_secs: 3600,
+                consumer_prefetch: 64,
+                consumer_max_attempts: 3,
+            },
+        }
+    }
+}
+
+impl Default for OutboxTopology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for OutboxTopology {
+    fn drop(&mut self) {
+        // Drop cannot await, and may run inside a runtime: clean up on a
+        // thread of its own.
+        let settings = self.settings.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let Ok(connection) = lab_core::amqp::connect(&amqp_url(), "workshop-cleanup").await
+                else {
+                    return;
+                };
+                if let Ok(channel) = connection.create_channel().await {
+                    let (exchange, queue) = (&settings.exchange, &settings.queue);
+                    let _ = outbox::events::delete_topology(&channel, exchange, queue).await;
+                }
+                lab_core::amqp::close(&connection, "cleaned up").await;
+            });
+        })
+        .join();
     }
 }

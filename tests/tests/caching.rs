@@ -7,11 +7,12 @@
 use std::time::Duration;
 
 use futures::{StreamExt, future::join_all, stream};
+use lab_core::proxy::Proxy;
 use redis::AsyncCommands;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use workshop::{CachingApp, proxy::Proxy, redis_url};
+use workshop::{CachingApp, redis_url};
 
 async fn create_profile(app: &CachingApp, name: &str) -> String {
     let response = app
@@ -375,7 +376,7 @@ async fn with_redis_cut_reads_bypass_writes_through_fail_and_nothing_acknowledge
         .trim_start_matches("redis://")
         .trim_end_matches('/')
         .to_owned();
-    let proxy = Proxy::start(&target).await;
+    let proxy = Proxy::start(&target).await.unwrap();
     let mut settings = CachingApp::settings();
     // Views stay in Redis until the shutdown drain, so the outage really
     // holds acknowledged views; stale keys are retried slowly, so the reads

@@ -30,7 +30,7 @@ use axum::{
     Router,
     routing::{get, post},
 };
-use clap::ValueEnum;
+pub use lab_core::config::Switch;
 use lab_core::{ApiError, http::bind, metrics::Metrics};
 use redis::{AsyncCommands, aio::ConnectionManager};
 use sqlx::PgPool;
@@ -92,12 +92,6 @@ pub struct Settings {
         default_value_t = 200
     )]
     pub invalidation_retry_ms: u64,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Switch {
-    On,
-    Off,
 }
 
 #[derive(Debug, Clone)]

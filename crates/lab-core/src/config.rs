@@ -60,3 +60,11 @@ pub enum LogFormat {
     Text,
     Json,
 }
+
+/// An `on`/`off` setting, for behaviour a lab lets you switch off to see
+/// what it was for.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    On,
+    Off,
+}

@@ -10,11 +10,13 @@
 //! Think twice before adding to this crate: it is for plumbing used the same
 //! way by three or more labs, never for a lab's domain types.
 
+pub mod amqp;
 pub mod config;
 pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod postgres;
+pub mod proxy;
 pub mod redis;
 pub mod shutdown;
 pub mod telemetry;

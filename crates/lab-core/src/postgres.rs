@@ -107,13 +107,13 @@ pub fn describe(pool: &PgPool, err: &sqlx::Error) -> String {
              pooled connection is busy; {}",
             start_hint("postgres")
         ),
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P01" | "3D000")) => {
+            format!("Postgres at {place} answers but the lab's database is not ready yet ({db})")
+        }
         _ if is_unavailable(err) => format!(
             "Postgres is not reachable at {place} ({err}); {}",
             start_hint("postgres")
         ),
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
-            format!("Postgres at {place} answers but migrations are not applied yet ({db})")
-        }
         _ => format!("Postgres at {place}: {err}"),
     }
 }
@@ -138,9 +138,15 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::Tls(_) => true,
         // Connection exceptions (class 08), too many connections (53300),
-        // and the server shutting down (57P01..57P03).
+        // the server shutting down (57P01..57P03), and a database still being
+        // prepared in the background: not created yet (3D000) or not
+        // migrated yet (42P01).
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || code == "53300" || code.starts_with("57P0")
+            code.starts_with("08")
+                || code == "53300"
+                || code.starts_with("57P0")
+                || code == "3D000"
+                || code == "42P01"
         }),
         _ => false,
     }

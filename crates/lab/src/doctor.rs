@@ -27,6 +27,8 @@ pub struct Doctor {
     catalog: catalog::Addrs,
     #[command(flatten)]
     caching: caching::Settings,
+    #[command(flatten)]
+    outbox: outbox::Settings,
 }
 
 /// How to start each backing service: with compose, or natively (the
@@ -64,7 +66,7 @@ pub async fn run(doctor: Doctor) -> anyhow::Result<()> {
     println!("backing services");
     check_postgres(&mut report, &doctor.postgres.database_url).await;
     check_tcp(&mut report, "redis", &doctor.redis.redis_url, 6379).await;
-    check_tcp(&mut report, "rabbitmq", &doctor.amqp.amqp_url, 5672).await;
+    check_amqp(&mut report, &doctor.amqp.amqp_url).await;
     check_tcp(&mut report, "mosquitto", &doctor.mqtt.mqtt_url, 1883).await;
 
     println!("lab ports");
@@ -92,6 +94,21 @@ pub async fn run(doctor: Doctor) -> anyhow::Result<()> {
         Probe::Http,
     )
     .await;
+    for (what, addr, variable) in [
+        ("outbox API", &doctor.outbox.http_addr, "OUTBOX_HTTP_ADDR"),
+        (
+            "outbox relay",
+            &doctor.outbox.relay_addr,
+            "OUTBOX_RELAY_ADDR",
+        ),
+        (
+            "outbox consumer",
+            &doctor.outbox.consumer_addr,
+            "OUTBOX_CONSUMER_ADDR",
+        ),
+    ] {
+        check_port(&mut report, what, addr, variable, Probe::Http).await;
+    }
 
     match report.problems {
         0 => {
@@ -142,8 +159,20 @@ async fn check_postgres(report: &mut Report, url: &str) {
     }
 }
 
-/// Redis, RabbitMQ and Mosquitto: does something accept connections where
-/// the URL points?
+/// RabbitMQ: a real AMQP handshake, so wrong credentials or vhost show too.
+async fn check_amqp(report: &mut Report, url: &str) {
+    let place = lab_core::amqp::where_is(url);
+    match lab_core::amqp::connect(url, "lab-doctor").await {
+        Ok(connection) => {
+            let _ = connection.close(200, "doctor done".into()).await;
+            report.ok("rabbitmq", &format!("{place} accepts AMQP connections"));
+        }
+        Err(err) => report.fail("rabbitmq", &err, &start_hint("rabbitmq")),
+    }
+}
+
+/// Redis and Mosquitto: does something accept connections where the URL
+/// points?
 async fn check_tcp(report: &mut Report, service: &str, url: &str, default_port: u16) {
     let (host, port) = match url::Url::parse(url) {
         Ok(parsed) => (

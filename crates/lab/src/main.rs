@@ -2,10 +2,13 @@
 //!
 //! - `lab up` runs the lab services natively, each on its default port.
 //! - `lab bench <lab>` measures a running lab and prints ratios side by side.
+//! - `lab chaos <lab>` breaks something on purpose and counts what survived.
 //! - `lab doctor` checks what a lab needs and says what to fix.
 
 mod bench;
+mod chaos;
 mod doctor;
+mod scratch;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -31,17 +34,29 @@ enum Command {
     /// Measure a running lab.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Break something on purpose and count what survived.
+    #[command(subcommand)]
+    Chaos(chaos::Chaos),
     /// Check the backing services and the lab ports, and say what to fix.
     Doctor(doctor::Doctor),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if matches!(cli.command, Command::Chaos(_) | Command::Bench(_))
+        && std::env::var_os("RUST_LOG").is_none()
+    {
+        // Experiments break connections on purpose; the services inside them
+        // would log every failure. The report is the output; RUST_LOG=info
+        // brings the logs back.
+        cli.log.filter = "error,lapin=off,outbox=off".into();
+    }
     lab_core::telemetry::init_tracing(&cli.log);
     match cli.command {
         Command::Up(up) => up::run(up).await,
         Command::Bench(bench) => bench.run().await,
+        Command::Chaos(chaos) => chaos.run().await,
         Command::Doctor(doctor) => doctor::run(doctor).await,
     }
 }

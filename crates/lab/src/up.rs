@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use lab_core::config::{PostgresConfig, RedisConfig};
+use lab_core::config::{AmqpConfig, PostgresConfig, RedisConfig};
 use tokio::task::JoinSet;
 
 #[derive(Args)]
@@ -16,15 +16,20 @@ pub struct Up {
     #[command(flatten)]
     redis: RedisConfig,
     #[command(flatten)]
+    amqp: AmqpConfig,
+    #[command(flatten)]
     catalog: catalog::Addrs,
     #[command(flatten)]
     caching: caching::Settings,
+    #[command(flatten)]
+    outbox: outbox::Settings,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Lab {
     Catalog,
     Caching,
+    Outbox,
 }
 
 pub async fn run(up: Up) -> anyhow::Result<()> {
@@ -48,6 +53,16 @@ pub async fn run(up: Up) -> anyhow::Result<()> {
         };
         let token = shutdown.child_token();
         labs.spawn(async move { caching::run(config, token).await.context("caching") });
+    }
+    if wanted(Lab::Outbox) {
+        let config = outbox::Config {
+            database_url: up.postgres.database_url.clone(),
+            amqp_url: up.amqp.amqp_url.clone(),
+            settings: up.outbox.clone(),
+            roles: vec![outbox::Role::All],
+        };
+        let token = shutdown.child_token();
+        labs.spawn(async move { outbox::run(config, token).await.context("outbox") });
     }
     if labs.is_empty() {
         bail!("no lab selected");

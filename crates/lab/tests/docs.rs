@@ -196,7 +196,7 @@ struct Lab {
 
 impl Lab {
     fn start(bin: &Path, database_url: &str, log: PathBuf) -> Self {
-        for port in [8080, 8081, 50051] {
+        for port in [8080, 8081, 8082, 9082, 9083, 50051] {
             assert!(
                 TcpStream::connect(("127.0.0.1", port)).is_err(),
                 "port {port} is in use; the docs test runs `lab up` on the default ports. \
@@ -212,6 +212,10 @@ impl Lab {
                 "CACHE_KEY_PREFIX",
                 format!("lab:docs:{}:", std::process::id()),
             )
+            // Its own exchange and queue, so a learner's running lab (and
+            // its consumer) never sees the docs' events.
+            .env("OUTBOX_EXCHANGE", "lab.docs.events")
+            .env("OUTBOX_QUEUE", "lab.docs.notifications")
             .env("RUST_LOG", "warn")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -225,7 +229,10 @@ impl Lab {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if http_get_status(8080, "/readyz") == Some(200) {
+            if [8080, 8081, 8082, 9082, 9083]
+                .iter()
+                .all(|port| http_get_status(*port, "/readyz") == Some(200))
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -370,6 +377,8 @@ fn run_file(file: &str, steps: &[Step], bin: &Path, work: &Path, problems: &mut 
         .env("LAB_BENCH_WARMUP", "0s")
         .env("LAB_BENCH_SEED", "20")
         .env("LAB_BENCH_FRESH", "40")
+        .env("LAB_BENCH_BACKLOG", "200")
+        .env("LAB_CHAOS_ORDERS", "200")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .status()

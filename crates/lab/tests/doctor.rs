@@ -30,6 +30,9 @@ fn free_lab_ports() -> Vec<(&'static str, String)> {
         ("CATALOG_HTTP_ADDR", format!("127.0.0.1:{}", free_port())),
         ("CATALOG_GRPC_ADDR", format!("127.0.0.1:{}", free_port())),
         ("CACHING_HTTP_ADDR", format!("127.0.0.1:{}", free_port())),
+        ("OUTBOX_HTTP_ADDR", format!("127.0.0.1:{}", free_port())),
+        ("OUTBOX_RELAY_ADDR", format!("127.0.0.1:{}", free_port())),
+        ("OUTBOX_CONSUMER_ADDR", format!("127.0.0.1:{}", free_port())),
     ]
 }
 

@@ -9,6 +9,7 @@
 
 mod caching;
 mod catalog;
+mod outbox;
 
 use std::{
     future::Future,
@@ -30,6 +31,8 @@ pub enum Bench {
     Catalog(catalog::Args),
     /// Postgres vs cache hit vs miss, and a stampede with protection on and off.
     Caching(caching::Args),
+    /// Relay throughput and commit-to-consumer latency, next to raw RabbitMQ confirms.
+    Outbox(outbox::Args),
 }
 
 impl Bench {
@@ -37,6 +40,7 @@ impl Bench {
         match self {
             Bench::Catalog(args) => catalog::run(args).await,
             Bench::Caching(args) => caching::run(args).await,
+            Bench::Outbox(args) => outbox::run(args).await,
         }
     }
 }

@@ -1,0 +1,512 @@
+//! The consumer: at-least-once in, effectively-once out.
+//!
+//! The relay may publish an event twice (it crashed after the broker
+//! confirmed but before it marked the row), and the broker redelivers every
+//! message that was not acknowledged when a connection broke. So the
+//! consumer records each event id it acts on in `processed_events`, in the
+//! same transaction as its side effect (a row in `notifications`). A
+//! redelivered event finds its id there, and is acknowledged without acting
+//! twice. The ack is sent only after the commit: a crash between the two
+//! means one more redelivery, never a lost event.
+//!
+//! Messages are handled in a few lanes at once, chosen by the aggregate id
+//! header, so events of one order stay in order while different orders
+//! proceed side by side. A message that can never be handled (malformed
+//! JSON, an unknown event type) is rejected to the dead-letter queue at
+//! once; one that fails for another reason is requeued, and RabbitMQ
+//! dead-letters it after `CONSUMER_MAX_ATTEMPTS` deliveries. While Postgres
+//! is down the consumer waits rather than burning attempts.
+
+use std::{
+    hash::{Hash, Hasher},
+    sync::Arc,
+    time::Duration,
+};
+
+use axum::{Router, extract::State, routing::get};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use lab_core::{Json, Query, metrics::Metrics};
+use lapin::{
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+        BasicQosOptions, BasicRejectOptions,
+    },
+    types::{AMQPValue, FieldTable},
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    Settings,
+    events::{self, Event, ORDER_CANCELLED, ORDER_CREATED},
+};
+
+/// Deliveries handled side by side (one order's events always share a lane).
+const LANES: usize = 4;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabel {
+    delivery: String,
+}
+
+/// The consumer's counters, also served as JSON on `GET /stats`.
+#[derive(Default)]
+pub struct ConsumerStats {
+    handled: Counter,
+    duplicates: Family<PathLabel, Counter>,
+    dead_lettered: Counter,
+    requeued: Counter,
+    connected: Gauge,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatsBody {
+    pub broker_connected: bool,
+    pub handled: u64,
+    pub duplicates_suppressed: u64,
+    pub dead_lettered: u64,
+    pub requeued: u64,
+}
+
+impl ConsumerStats {
+    /// Redeliveries suppressed for orders whose events took `delivery` path.
+    pub fn duplicates(&self, delivery: &str) -> u64 {
+        self.duplicates
+            .get_or_create(&PathLabel {
+                delivery: delivery.to_owned(),
+            })
+            .get()
+    }
+
+    /// True while connected to the broker with the queue declared.
+    pub fn connected(&self) -> bool {
+        self.connected.get() == 1
+    }
+
+    pub fn body(&self) -> StatsBody {
+        StatsBody {
+            broker_connected: self.connected(),
+            handled: self.handled.get(),
+            duplicates_suppressed: ["outbox", "dual-write", "unknown"]
+                .iter()
+                .map(|path| self.duplicates(path))
+                .sum(),
+            dead_lettered: self.dead_lettered.get(),
+            requeued: self.requeued.get(),
+        }
+    }
+}
+
+/// The part of an order event's `data` the consumer needs.
+#[derive(Deserialize)]
+struct OrderData {
+    id: Uuid,
+    customer_id: String,
+    total_cents: i64,
+    items: Vec<serde_json::Value>,
+    #[serde(default)]
+    delivery: Option<String>,
+}
+
+enum Outcome {
+    Handled,
+    Duplicate(String),
+    /// Can never succeed: straight to the dead-letter queue.
+    Poison(String),
+    /// Failed this time: requeue (RabbitMQ bounds the attempts).
+    Failed(String),
+    /// Shutting down while Postgres is away: leave it unacknowledged, the
+    /// broker delivers it again to whoever consumes next.
+    Abandoned,
+}
+
+#[derive(Clone)]
+pub struct Consumer {
+    pool: PgPool,
+    amqp_url: String,
+    settings: Arc<Settings>,
+    stats: Arc<ConsumerStats>,
+}
+
+impl Consumer {
+    pub fn new(pool: PgPool, amqp_url: String, settings: Settings, metrics: &Metrics) -> Self {
+        let stats = Arc::new(ConsumerStats::default());
+        metrics.register("handled", "Events acted on", stats.handled.clone());
+        metrics.register(
+            "duplicates_suppressed",
+            "Redelivered events acknowledged without acting twice, by the order's delivery path",
+            stats.duplicates.clone(),
+        );
+        metrics.register(
+            "dead_lettered",
+            "Messages sent to the dead-letter queue",
+            stats.dead_lettered.clone(),
+        );
+        metrics.register(
+            "requeued",
+            "Messages that failed and were requeued",
+            stats.requeued.clone(),
+        );
+        metrics.register(
+            "broker_connected",
+            "1 while the consumer has a RabbitMQ connection",
+            stats.connected.clone(),
+        );
+        Self {
+            pool,
+            amqp_url,
+            settings: Arc::new(settings),
+            stats,
+        }
+    }
+
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.stats.clone()
+    }
+
+    /// Consumes until `shutdown` fires, reconnecting with backoff whenever
+    /// the broker connection breaks.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let mut connected = false;
+            match self.consume_until_broken(&shutdown, &mut connected).await {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    if connected {
+                        // It worked until it broke: start the backoff over.
+                        backoff = Duration::from_millis(100);
+                    }
+                    tracing::warn!("consumer: {err}; reconnecting in {backoff:?}");
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn consume_until_broken(
+        &self,
+        shutdown: &CancellationToken,
+        connected: &mut bool,
+    ) -> Result<(), String> {
+        use lab_core::amqp::bounded;
+        let connection = lab_core::amqp::connect(&self.amqp_url, "outbox-consumer").await?;
+        let channel = bounded(connection.create_channel()).await?;
+        let prefetch = self.settings.consumer_prefetch;
+        bounded(channel.basic_qos(prefetch, BasicQosOptions::default())).await?;
+        bounded(events::declare_queues(
+            &channel,
+            &self.settings.exchange,
+            &self.settings.queue,
+            self.settings.consumer_max_attempts,
+        ))
+        .await?;
+        let mut deliveries = bounded(channel.basic_consume(
+            self.settings.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(), // manual acks
+            FieldTable::default(),
+        ))
+        .await?;
+        self.stats.connected.set(1);
+        *connected = true;
+        tracing::info!(queue = %self.settings.queue, "consumer connected to RabbitMQ");
+
+        // Bounded lanes: when they are full, we stop reading, and the
+        // prefetch limit stops the broker from sending more.
+        let mut lanes = Vec::with_capacity(LANES);
+        let mut workers = JoinSet::new();
+        for _ in 0..LANES {
+            let (tx, mut rx) = mpsc::channel::<Delivery>(self.settings.consumer_prefetch.into());
+            lanes.push(tx);
+            let (me, shutdown) = (self.clone(), shutdown.clone());
+            workers.spawn(async move {
+                while let Some(delivery) = rx.recv().await {
+                    me.handle(delivery, &shutdown).await;
+                }
+            });
+        }
+
+        let result = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break Ok(()),
+                next = deliveries.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let lane = lane_of(&delivery);
+                        if lanes[lane].send(delivery).await.is_err() {
+                            break Err("a consumer lane stopped".to_owned());
+                        }
+                    }
+                    Some(Err(err)) => break Err(err.to_string()),
+                    None => break Err("the broker cancelled the consumer".to_owned()),
+                },
+            }
+        };
+        // Stop the flow, then let the lanes finish what they hold.
+        let _ =
+            bounded(channel.basic_cancel(deliveries.tag(), BasicCancelOptions::default())).await;
+        drop(lanes);
+        while workers.join_next().await.is_some() {}
+        self.stats.connected.set(0);
+        lab_core::amqp::close(&connection, "consumer stopping").await;
+        result
+    }
+
+    async fn handle(&self, delivery: Delivery, shutdown: &CancellationToken) {
+        use lab_core::amqp::bounded;
+        let outcome = match parse(&delivery.data) {
+            Err(reason) => Outcome::Poison(reason),
+            Ok((event, order)) => self.record(&event, &order, shutdown).await,
+        };
+        let acked = match outcome {
+            Outcome::Handled => {
+                self.stats.handled.inc();
+                bounded(delivery.ack(BasicAckOptions::default())).await
+            }
+            Outcome::Duplicate(path) => {
+                self.stats
+                    .duplicates
+                    .get_or_create(&PathLabel { delivery: path })
+                    .inc();
+                bounded(delivery.ack(BasicAckOptions::default())).await
+            }
+            Outcome::Poison(reason) => {
+                self.stats.dead_lettered.inc();
+                tracing::warn!(
+                    message_id = ?delivery.properties.message_id(),
+                    "dead-lettering a message that cannot be handled: {reason}"
+                );
+                bounded(delivery.reject(BasicRejectOptions { requeue: false })).await
+            }
+            Outcome::Failed(reason) => {
+                self.stats.requeued.inc();
+                tracing::error!(
+                    message_id = ?delivery.properties.message_id(),
+                    "handling failed, requeueing: {reason}"
+                );
+                bounded(delivery.nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                }))
+                .await
+            }
+            Outcome::Abandoned => return,
+        };
+        if let Err(err) = acked {
+            // The connection broke: the broker redelivers, processed_events
+            // recognises it.
+            tracing::debug!(%err, "acknowledgement not sent");
+        }
+    }
+
+    /// Acts on the event once, retrying while Postgres is unreachable.
+    async fn record(
+        &self,
+        event: &Event,
+        order: &OrderData,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.record_once(event, order).await {
+                Ok(true) => return Outcome::Handled,
+                Ok(false) => {
+                    return Outcome::Duplicate(
+                        order.delivery.clone().unwrap_or_else(|| "unknown".into()),
+                    );
+                }
+                Err(err) if lab_core::postgres::is_unavailable(&err) => {
+                    tracing::warn!(
+                        "{}; retrying in {backoff:?}",
+                        lab_core::postgres::describe(&self.pool, &err)
+                    );
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Outcome::Abandoned,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(err) => return Outcome::Failed(err.to_string()),
+            }
+        }
+    }
+
+    /// `Ok(false)`: this event was handled before.
+    async fn record_once(&self, event: &Event, order: &OrderData) -> sqlx::Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let first_time = sqlx::query(
+            "INSERT INTO processed_events (event_id) VALUES ($1) ON CONFLICT DO NOTHING",
+        )
+        .bind(event.event_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !first_time {
+            return Ok(false); // the transaction rolls back on drop; nothing to undo
+        }
+        sqlx::query(
+            "INSERT INTO notifications (event_id, order_id, event_type, message, occurred_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(event.event_id)
+        .bind(order.id)
+        .bind(&event.event_type)
+        .bind(message(&event.event_type, order))
+        .bind(event.occurred_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+}
+
+/// The envelope and its order, or why this message can never be handled.
+fn parse(body: &[u8]) -> Result<(Event, OrderData), String> {
+    let event: Event =
+        serde_json::from_slice(body).map_err(|err| format!("not an event envelope: {err}"))?;
+    if ![ORDER_CREATED, ORDER_CANCELLED].contains(&event.event_type.as_str()) {
+        return Err(format!("unknown event type {:?}", event.event_type));
+    }
+    let order: OrderData = serde_json::from_value(event.data.clone())
+        .map_err(|err| format!("{} without a valid order: {err}", event.event_type))?;
+    Ok((event, order))
+}
+
+fn message(event_type: &str, order: &OrderData) -> String {
+    let total = format!("{}.{:02}", order.total_cents / 100, order.total_cents % 100);
+    if event_type == ORDER_CANCELLED {
+        format!("Order {} for {} was cancelled", order.id, order.customer_id)
+    } else {
+        format!(
+            "Order {} confirmed for {}: {} item(s), total {total}",
+            order.id,
+            order.customer_id,
+            order.items.len()
+        )
+    }
+}
+
+/// Events of one aggregate always go to the same lane, so stay in order.
+fn lane_of(delivery: &Delivery) -> usize {
+    let aggregate = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get("aggregate_id"))
+        .and_then(|value| match value {
+            AMQPValue::LongString(s) => Some(s.to_string()),
+            _ => None,
+        });
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    match aggregate {
+        Some(id) => id.hash(&mut hasher),
+        None => delivery.delivery_tag.hash(&mut hasher),
+    }
+    (hasher.finish() % LANES as u64) as usize
+}
+
+/// One row of `GET /notifications`.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Notification {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub order_id: Uuid,
+    pub event_type: String,
+    pub message: String,
+    pub occurred_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NotificationQuery {
+    order_id: Option<Uuid>,
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+fn default_limit() -> i64 {
+    50
+}
+
+#[derive(Clone)]
+struct Api {
+    pool: PgPool,
+    stats: Arc<ConsumerStats>,
+}
+
+/// `GET /notifications?order_id=&limit=`: what the consumer did, newest
+/// last for one order, the latest `limit` otherwise.
+async fn notifications(
+    State(api): State<Api>,
+    Query(query): Query<NotificationQuery>,
+) -> Result<Json<Vec<Notification>>, lab_core::ApiError> {
+    if !(1..=1000).contains(&query.limit) {
+        return Err(lab_core::ApiError::invalid(
+            "limit",
+            "must be between 1 and 1000",
+        ));
+    }
+    let rows = sqlx::query_as(
+        "SELECT * FROM (SELECT * FROM notifications \
+           WHERE $1::uuid IS NULL OR order_id = $1 ORDER BY id DESC LIMIT $2) latest \
+         ORDER BY id",
+    )
+    .bind(query.order_id)
+    .bind(query.limit)
+    .fetch_all(&api.pool)
+    .await
+    .map_err(|err| crate::ApiError::from(crate::pg_error(&api.pool, err)))?;
+    Ok(Json(rows))
+}
+
+async fn stats(State(api): State<Api>) -> Json<StatsBody> {
+    Json(api.stats.body())
+}
+
+/// Runs a consumer, with `/notifications`, `/stats`, `/healthz`, `/readyz`
+/// and `/metrics` on `listener`.
+pub async fn serve(
+    listener: TcpListener,
+    pool: PgPool,
+    amqp_url: String,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::new("outbox_consumer");
+    let consumer = Consumer::new(pool.clone(), amqp_url.clone(), settings, &metrics);
+    let routes = Router::new()
+        .route("/notifications", get(notifications))
+        .route("/stats", get(stats))
+        .with_state(Api {
+            pool: pool.clone(),
+            stats: consumer.stats(),
+        });
+    let router = lab_core::http::service_router(
+        routes,
+        vec![
+            lab_core::postgres::dependency(pool),
+            crate::broker_dependency(amqp_url),
+        ],
+        metrics,
+    );
+    let http = lab_core::http::serve(listener, router, shutdown.clone());
+    let (http, consumer) = tokio::join!(http, consumer.run(shutdown));
+    http?;
+    consumer
+}

@@ -1,0 +1,272 @@
+//! # Outbox: saving a change and announcing it, without losing either
+//!
+//! An order service must save an order and tell the rest of the system about
+//! it. "Insert, commit, then publish to RabbitMQ" is two writes to two
+//! systems, and any crash, timeout or network cut between them leaves an
+//! order nobody hears about. That naive path is kept on purpose
+//! (`POST /orders?delivery=dual-write`) so you can watch it lose events.
+//!
+//! The fix has three parts, one process each in compose:
+//!
+//! - [`orders`] — the API writes the order *and* an event row into the
+//!   `outbox` table in one Postgres transaction: both or neither.
+//! - [`relay`] — publishes outbox rows to RabbitMQ and marks them published
+//!   only after the broker confirms them. One relay leads (a Postgres
+//!   advisory lock); others wait as hot standbys.
+//! - [`consumer`] — delivery is at least once, so the consumer remembers the
+//!   event ids it has acted on and acknowledges a redelivery without acting
+//!   twice. Poison messages go to a dead-letter queue.
+//!
+//! [`chaos`] runs both paths through a TCP proxy that cuts the broker
+//! connection and counts what arrived. Try it:
+//! `cargo run -p lab -- chaos outbox --orders 2000`.
+
+pub mod chaos;
+pub mod consumer;
+pub mod events;
+pub mod orders;
+pub mod relay;
+
+use clap::ValueEnum;
+use lab_core::ApiError;
+pub use lab_core::config::Switch;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// The outbox lab's settings; the database and broker URLs are shared with
+/// other labs and live in [`lab_core::config`].
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "outbox_settings")]
+pub struct Settings {
+    /// Orders API listen address.
+    #[arg(
+        id = "outbox_http_addr",
+        value_name = "ADDR",
+        long = "outbox-http-addr",
+        env = "OUTBOX_HTTP_ADDR",
+        default_value = "0.0.0.0:8082"
+    )]
+    pub http_addr: String,
+    /// Relay health and metrics listen address.
+    #[arg(
+        long = "outbox-relay-addr",
+        env = "OUTBOX_RELAY_ADDR",
+        default_value = "0.0.0.0:9082"
+    )]
+    pub relay_addr: String,
+    /// Consumer health, metrics and notifications listen address.
+    #[arg(
+        long = "outbox-consumer-addr",
+        env = "OUTBOX_CONSUMER_ADDR",
+        default_value = "0.0.0.0:9083"
+    )]
+    pub consumer_addr: String,
+    /// The topic exchange events are published to (routing key = event type).
+    #[arg(
+        long = "outbox-exchange",
+        env = "OUTBOX_EXCHANGE",
+        default_value = "lab.events"
+    )]
+    pub exchange: String,
+    /// The consumer's queue, bound to `order.*`; its dead letters go to `<queue>.dlq`.
+    #[arg(
+        long = "outbox-queue",
+        env = "OUTBOX_QUEUE",
+        default_value = "lab.notifications"
+    )]
+    pub queue: String,
+    /// NOTIFY the relay when an event commits; `off` leaves it to the poll.
+    #[arg(long = "outbox-notify", env = "OUTBOX_NOTIFY", value_enum, default_value_t = Switch::On)]
+    pub notify: Switch,
+    /// At most this many events per relay batch (and publisher-confirm window).
+    #[arg(
+        long = "relay-batch-size",
+        env = "RELAY_BATCH_SIZE",
+        default_value_t = 500
+    )]
+    pub relay_batch_size: i64,
+    /// The relay looks for events at least this often, NOTIFY or not.
+    #[arg(
+        long = "relay-poll-interval-ms",
+        env = "RELAY_POLL_INTERVAL_MS",
+        default_value_t = 1000
+    )]
+    pub relay_poll_interval_ms: u64,
+    /// How often a standby relay tries to take the lead.
+    #[arg(
+        long = "relay-lease-retry-ms",
+        env = "RELAY_LEASE_RETRY_MS",
+        default_value_t = 1000
+    )]
+    pub relay_lease_retry_ms: u64,
+    /// Published outbox rows are deleted after this long.
+    #[arg(
+        long = "outbox-retention-secs",
+        env = "OUTBOX_RETENTION_SECS",
+        default_value_t = 3600
+    )]
+    pub retention_secs: u64,
+    /// Unacknowledged messages the broker may push to the consumer at once.
+    #[arg(
+        long = "consumer-prefetch",
+        env = "CONSUMER_PREFETCH",
+        default_value_t = 64
+    )]
+    pub consumer_prefetch: u16,
+    /// Deliveries of one message before it is dead-lettered.
+    #[arg(
+        long = "consumer-max-attempts",
+        env = "CONSUMER_MAX_ATTEMPTS",
+        default_value_t = 5
+    )]
+    pub consumer_max_attempts: u32,
+}
+
+impl Settings {
+    /// The settings as the environment and the defaults give them, for
+    /// programs that run the lab's parts without parsing a command line.
+    pub fn from_env() -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        Only::parse_from(["outbox"]).settings
+    }
+}
+
+/// One part of the lab. Compose runs each in its own process; `lab up` runs
+/// all three in one.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Api,
+    Relay,
+    Consumer,
+    /// API, relay and consumer in one process.
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub amqp_url: String,
+    pub settings: Settings,
+    pub roles: Vec<Role>,
+}
+
+/// What can go wrong in the orders API, mapped once to HTTP.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PostgresDown(String),
+    #[error("internal error")]
+    Internal,
+}
+
+impl From<Error> for ApiError {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Invalid { field, message } => ApiError::invalid(field, message),
+            Error::NotFound(m) => ApiError::not_found(m),
+            Error::Conflict(m) => ApiError::conflict(m),
+            Error::PostgresDown(m) => ApiError::unavailable(m),
+            Error::Internal => ApiError::internal(),
+        }
+    }
+}
+
+impl axum::response::IntoResponse for Error {
+    fn into_response(self) -> axum::response::Response {
+        ApiError::from(self).into_response()
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Error {
+    Error::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Maps a Postgres error: down is 503, anything else is logged and opaque.
+pub(crate) fn pg_error(pool: &PgPool, err: sqlx::Error) -> Error {
+    if lab_core::postgres::is_unavailable(&err) {
+        Error::PostgresDown(lab_core::postgres::describe(pool, &err))
+    } else {
+        tracing::error!(%err, "postgres query failed");
+        Error::Internal
+    }
+}
+
+/// Runs the chosen parts until `shutdown` fires.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = lab_core::postgres::connect(&config.database_url, shutdown.clone())?;
+    let all = config.roles.contains(&Role::All);
+    let wants = |role| all || config.roles.contains(&role);
+    let settings = config.settings;
+    let mut tasks: Vec<(&'static str, futures::future::BoxFuture<'static, _>)> = Vec::new();
+    if wants(Role::Api) {
+        let listener = lab_core::http::bind(&settings.http_addr, "OUTBOX_HTTP_ADDR").await?;
+        tracing::info!(http = %listener.local_addr()?, "outbox API listening");
+        let api = orders::serve(
+            listener,
+            pool.clone(),
+            config.amqp_url.clone(),
+            settings.clone(),
+            shutdown.clone(),
+        );
+        tasks.push(("orders API", Box::pin(api)));
+    }
+    if wants(Role::Relay) {
+        let listener = lab_core::http::bind(&settings.relay_addr, "OUTBOX_RELAY_ADDR").await?;
+        tracing::info!(http = %listener.local_addr()?, "outbox relay listening");
+        let relay = relay::serve(
+            listener,
+            pool.clone(),
+            config.amqp_url.clone(),
+            settings.clone(),
+            shutdown.clone(),
+        );
+        tasks.push(("relay", Box::pin(relay)));
+    }
+    if wants(Role::Consumer) {
+        let listener =
+            lab_core::http::bind(&settings.consumer_addr, "OUTBOX_CONSUMER_ADDR").await?;
+        tracing::info!(http = %listener.local_addr()?, "outbox consumer listening");
+        let consumer = consumer::serve(
+            listener,
+            pool.clone(),
+            config.amqp_url.clone(),
+            settings.clone(),
+            shutdown.clone(),
+        );
+        tasks.push(("consumer", Box::pin(consumer)));
+    }
+    lab_core::shutdown::supervise(&shutdown, tasks).await?;
+    tracing::info!("outbox stopped");
+    Ok(())
+}
+
+/// The `/readyz` check for RabbitMQ: a connection opens (and is closed again).
+pub(crate) fn broker_dependency(amqp_url: String) -> lab_core::http::Dependency {
+    lab_core::http::Dependency::new("rabbitmq", move || {
+        let url = amqp_url.clone();
+        async move {
+            let connection = lab_core::amqp::connect(&url, "outbox-readyz").await?;
+            lab_core::amqp::close(&connection, "readiness probe done").await;
+            Ok(())
+        }
+    })
+}

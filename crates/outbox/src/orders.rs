@@ -1,0 +1,555 @@
+//! The orders API: where the change and its event are written together.
+//!
+//! `POST /orders` inserts the order and an `order.created` row into the
+//! `outbox` table in one transaction, so either both exist or neither does.
+//! Nothing talks to RabbitMQ here: the relay does that later, and a broker
+//! outage cannot fail an order or lose its event.
+//!
+//! `?delivery=dual-write` is the naive alternative, kept to be watched
+//! failing: commit the order, then publish straight to the broker. When the
+//! publish fails (broker down, connection cut, confirm never arriving) the
+//! order stays committed and its event is simply gone. The handler still
+//! answers 201, as code that treats publishing as an afterthought does.
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use chrono::{DateTime, Utc};
+use lab_core::{Json, Query, metrics::Metrics};
+use lapin::{Channel, Connection, options::ConfirmSelectOptions};
+use prometheus_client::metrics::{counter::Counter, family::Family};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, types::Json as Jsonb};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    Error, Result, Settings, Switch,
+    events::{self, Event, ORDER_CANCELLED, ORDER_CREATED},
+    invalid, pg_error,
+};
+
+/// How an order's events leave the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// Event row in the same transaction; the relay publishes it.
+    #[default]
+    Outbox,
+    /// Commit, then publish directly: the naive path.
+    DualWrite,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Outbox => "outbox",
+            Delivery::DualWrite => "dual-write",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrder {
+    pub customer_id: String,
+    pub items: Vec<Item>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Item {
+    pub sku: String,
+    pub quantity: i64,
+    pub price_cents: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Order {
+    pub id: Uuid,
+    pub customer_id: String,
+    #[sqlx(json)]
+    pub items: Vec<Item>,
+    pub total_cents: i64,
+    pub status: String,
+    pub delivery: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const MAX_ITEMS: usize = 100;
+const MAX_QUANTITY: i64 = 10_000;
+const MAX_PRICE_CENTS: i64 = 100_000_000;
+
+/// Checks every rule and returns the order total.
+pub fn validate(order: &NewOrder) -> Result<i64> {
+    let customer = order.customer_id.trim();
+    if customer.is_empty() || customer.chars().count() > 64 {
+        return Err(invalid("customer_id", "must be 1 to 64 characters"));
+    }
+    if order.items.is_empty() {
+        return Err(invalid("items", "an order needs at least one item"));
+    }
+    if order.items.len() > MAX_ITEMS {
+        return Err(invalid("items", format!("at most {MAX_ITEMS} items")));
+    }
+    let mut total: i64 = 0;
+    for item in &order.items {
+        if item.sku.trim().is_empty() || item.sku.chars().count() > 64 {
+            return Err(invalid("items[].sku", "must be 1 to 64 characters"));
+        }
+        if !(1..=MAX_QUANTITY).contains(&item.quantity) {
+            return Err(invalid(
+                "items[].quantity",
+                format!("must be between 1 and {MAX_QUANTITY}"),
+            ));
+        }
+        if !(0..=MAX_PRICE_CENTS).contains(&item.price_cents) {
+            return Err(invalid(
+                "items[].price_cents",
+                format!("must be between 0 and {MAX_PRICE_CENTS}"),
+            ));
+        }
+        // Bounded above, so this cannot overflow: 100 × 10^4 × 10^8.
+        total += item.quantity * item.price_cents;
+    }
+    Ok(total)
+}
+
+/// The orders side: a pool, and a broker connection for the naive path only.
+#[derive(Clone)]
+pub struct Orders {
+    pool: PgPool,
+    dual_writer: Arc<DualWriter>,
+    counters: Counters,
+}
+
+#[derive(Clone, Default)]
+struct Counters {
+    /// Orders committed, by delivery path.
+    committed: Family<PathLabel, Counter>,
+    /// Dual-write publishes that failed after their order had committed.
+    lost: Family<PathLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct PathLabel {
+    delivery: &'static str,
+}
+
+impl Orders {
+    pub fn new(pool: PgPool, amqp_url: String, exchange: String, metrics: &Metrics) -> Self {
+        let counters = Counters::default();
+        metrics.register(
+            "orders_committed",
+            "Orders committed, by delivery path",
+            counters.committed.clone(),
+        );
+        metrics.register(
+            "dual_write_publish_failures",
+            "Events lost by the dual-write path: order committed, publish failed",
+            counters.lost.clone(),
+        );
+        Self {
+            pool,
+            dual_writer: Arc::new(DualWriter::new(amqp_url, exchange)),
+            counters,
+        }
+    }
+
+    /// Creates an order and its `order.created` event. With an idempotency
+    /// key, a repeat of the same request returns the first order (and
+    /// `true`) instead of creating another.
+    pub async fn create(
+        &self,
+        new: NewOrder,
+        delivery: Delivery,
+        idempotency_key: Option<&str>,
+    ) -> Result<(Order, bool)> {
+        let total_cents = validate(&new)?;
+        let now = Utc::now();
+        let order = Order {
+            id: Uuid::now_v7(),
+            customer_id: new.customer_id.trim().to_owned(),
+            items: new.items.clone(),
+            total_cents,
+            status: "created".into(),
+            delivery: delivery.as_str().into(),
+            created_at: now,
+            updated_at: now,
+        };
+        let event = Event::new(ORDER_CREATED, order.id, to_json(&order));
+        let pg = |err| pg_error(&self.pool, err);
+
+        let mut tx = self.pool.begin().await.map_err(pg)?;
+        sqlx::query(
+            "INSERT INTO orders (id, customer_id, items, total_cents, status, delivery, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+        )
+        .bind(order.id)
+        .bind(&order.customer_id)
+        .bind(Jsonb(&order.items))
+        .bind(order.total_cents)
+        .bind(&order.status)
+        .bind(&order.delivery)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg)?;
+        if delivery == Delivery::Outbox {
+            insert_event(&mut tx, &event).await.map_err(pg)?;
+        }
+        if let Some(key) = idempotency_key {
+            let request = serde_json::json!({"delivery": delivery, "order": new});
+            // A concurrent request with the same key waits here until the
+            // first one commits (or rolls back): the unique index decides.
+            let stored = sqlx::query(
+                "INSERT INTO idempotency_keys (key, request, order_id, response) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
+            )
+            .bind(key)
+            .bind(&request)
+            .bind(order.id)
+            .bind(to_json(&order))
+            .execute(&mut *tx)
+            .await
+            .map_err(pg)?;
+            if stored.rows_affected() == 0 {
+                tx.rollback().await.map_err(pg)?;
+                return self.replay(key, &request).await.map(|order| (order, true));
+            }
+        }
+        tx.commit().await.map_err(pg)?;
+        self.counters
+            .committed
+            .get_or_create(&PathLabel {
+                delivery: delivery.as_str(),
+            })
+            .inc();
+
+        if delivery == Delivery::DualWrite {
+            self.publish_directly(&event).await;
+        }
+        Ok((order, false))
+    }
+
+    /// The first response for `key`, if this request is the same request.
+    async fn replay(&self, key: &str, request: &serde_json::Value) -> Result<Order> {
+        let (stored_request, response): (serde_json::Value, Jsonb<Order>) =
+            sqlx::query_as("SELECT request, response FROM idempotency_keys WHERE key = $1")
+                .bind(key)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|err| pg_error(&self.pool, err))?;
+        if &stored_request != request {
+            return Err(Error::Conflict(format!(
+                "Idempotency-Key {key:?} was already used for a different request"
+            )));
+        }
+        Ok(response.0)
+    }
+
+    /// Cancels a created order and records `order.cancelled` the same way
+    /// the order's events have been travelling.
+    pub async fn cancel(&self, id: Uuid) -> Result<Order> {
+        let pg = |err| pg_error(&self.pool, err);
+        let mut tx = self.pool.begin().await.map_err(pg)?;
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(pg)?;
+        match current.as_deref() {
+            None => return Err(Error::NotFound(format!("no order {id}"))),
+            Some("cancelled") => {
+                return Err(Error::Conflict(format!("order {id} is already cancelled")));
+            }
+            Some(_) => {}
+        }
+        let order: Order = sqlx::query_as(
+            "UPDATE orders SET status = 'cancelled', updated_at = now() WHERE id = $1 RETURNING *",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(pg)?;
+        let event = Event::new(ORDER_CANCELLED, order.id, to_json(&order));
+        let dual_write = order.delivery == Delivery::DualWrite.as_str();
+        if !dual_write {
+            insert_event(&mut tx, &event).await.map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)?;
+        if dual_write {
+            self.publish_directly(&event).await;
+        }
+        Ok(order)
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<Order> {
+        sqlx::query_as("SELECT * FROM orders WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|err| pg_error(&self.pool, err))?
+            .ok_or_else(|| Error::NotFound(format!("no order {id}")))
+    }
+
+    /// The naive second write. A failure is logged and counted, and that is
+    /// all: the order is committed, the event is lost.
+    async fn publish_directly(&self, event: &Event) {
+        if let Err(err) = self.dual_writer.publish(event).await {
+            self.counters
+                .lost
+                .get_or_create(&PathLabel {
+                    delivery: Delivery::DualWrite.as_str(),
+                })
+                .inc();
+            tracing::warn!(
+                order.id = %event.aggregate_id,
+                event.id = %event.event_id,
+                "dual write: order committed but its {} event was not published: {err}",
+                event.event_type
+            );
+        }
+    }
+}
+
+fn to_json(value: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(value).expect("orders serialize to JSON")
+}
+
+async fn insert_event(tx: &mut sqlx::PgConnection, event: &Event) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, aggregate_id, event_type, payload) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(event.event_id)
+    .bind(event.aggregate_id)
+    .bind(&event.event_type)
+    .bind(to_json(event))
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// The dual-write path's broker connection: opened on first use, dropped on
+/// the first failure, opened again by the next request.
+struct DualWriter {
+    amqp_url: String,
+    exchange: String,
+    link: tokio::sync::Mutex<Option<(Connection, Channel)>>,
+}
+
+impl DualWriter {
+    fn new(amqp_url: String, exchange: String) -> Self {
+        Self {
+            amqp_url,
+            exchange,
+            link: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel, String> {
+        let mut link = self.link.lock().await;
+        if let Some((connection, channel)) = link.as_ref()
+            && connection.status().connected()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        use lab_core::amqp::bounded;
+        let connection = lab_core::amqp::connect(&self.amqp_url, "outbox-api-dual-write").await?;
+        let channel = bounded(connection.create_channel()).await?;
+        bounded(channel.confirm_select(ConfirmSelectOptions::default())).await?;
+        bounded(events::declare_exchange(&channel, &self.exchange)).await?;
+        *link = Some((connection, channel.clone()));
+        Ok(channel)
+    }
+
+    /// Publishes and waits for the broker's confirm: even done this
+    /// carefully, a failure here comes after the commit, too late to undo it.
+    async fn publish(&self, event: &Event) -> Result<(), String> {
+        let channel = self.channel().await?;
+        let body = serde_json::to_vec(event).expect("events serialize");
+        let confirm = async {
+            events::publish(
+                &channel,
+                &self.exchange,
+                event.event_id,
+                &event.event_type,
+                event.aggregate_id,
+                &body,
+                false,
+            )
+            .await?
+            .await
+        };
+        let outcome = tokio::time::timeout(lab_core::amqp::CONNECT_TIMEOUT, confirm).await;
+        let failure = match outcome {
+            Ok(Ok(confirmation)) if confirmation.is_ack() => return Ok(()),
+            Ok(Ok(_)) => "the broker refused the message (nack)".to_owned(),
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "no publisher confirm within 3 s".to_owned(),
+        };
+        *self.link.lock().await = None;
+        Err(failure)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateParams {
+    #[serde(default)]
+    delivery: Delivery,
+}
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if (1..=255).contains(&key.len()) => Ok(Some(key)),
+        _ => Err(invalid(
+            "Idempotency-Key",
+            "must be 1 to 255 visible ASCII characters",
+        )),
+    }
+}
+
+async fn create(
+    State(app): State<Api>,
+    Query(params): Query<CreateParams>,
+    headers: HeaderMap,
+    Json(new): Json<NewOrder>,
+) -> Result<Response> {
+    let key = idempotency_key(&headers)?;
+    let (order, replayed) = app.orders.create(new, params.delivery, key).await?;
+    let mut response = (StatusCode::CREATED, Json(order)).into_response();
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", "true".parse().expect("valid header"));
+    }
+    Ok(response)
+}
+
+async fn cancel(State(app): State<Api>, Path(id): Path<Uuid>) -> Result<Json<Order>> {
+    Ok(Json(app.orders.cancel(id).await?))
+}
+
+async fn get_order(State(app): State<Api>, Path(id): Path<Uuid>) -> Result<Json<Order>> {
+    Ok(Json(app.orders.get(id).await?))
+}
+
+/// `GET /outbox/stats`: what the relay still has to do.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OutboxStats {
+    pub pending: i64,
+    pub published: i64,
+    pub oldest_pending_age_secs: Option<f64>,
+    pub by_type: std::collections::BTreeMap<String, TypeStats>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct TypeStats {
+    pub pending: i64,
+    pub published: i64,
+}
+
+pub async fn outbox_stats(pool: &PgPool) -> sqlx::Result<OutboxStats> {
+    let rows: Vec<(String, i64, i64, Option<f64>)> = sqlx::query_as(
+        "SELECT event_type, \
+                count(*) FILTER (WHERE published_at IS NULL), \
+                count(*) FILTER (WHERE published_at IS NOT NULL), \
+                extract(epoch FROM now() - min(created_at) FILTER (WHERE published_at IS NULL))::float8 \
+         FROM outbox GROUP BY event_type",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut stats = OutboxStats {
+        pending: 0,
+        published: 0,
+        oldest_pending_age_secs: None,
+        by_type: Default::default(),
+    };
+    for (event_type, pending, published, age) in rows {
+        stats.pending += pending;
+        stats.published += published;
+        stats.oldest_pending_age_secs = match (stats.oldest_pending_age_secs, age) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        stats
+            .by_type
+            .insert(event_type, TypeStats { pending, published });
+    }
+    Ok(stats)
+}
+
+async fn stats(State(app): State<Api>) -> Result<Json<OutboxStats>> {
+    let pool = &app.orders.pool;
+    Ok(Json(
+        outbox_stats(pool).await.map_err(|e| pg_error(pool, e))?,
+    ))
+}
+
+#[derive(Clone)]
+struct Api {
+    orders: Orders,
+}
+
+pub fn routes(orders: Orders) -> Router {
+    Router::new()
+        .route("/orders", post(create))
+        .route("/orders/{id}", get(get_order))
+        .route("/orders/{id}/cancel", post(cancel))
+        .route("/outbox/stats", get(stats))
+        .with_state(Api { orders })
+}
+
+/// Serves the orders API on a listener the caller bound (tests bind port 0).
+pub async fn serve(
+    listener: TcpListener,
+    pool: PgPool,
+    amqp_url: String,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::new("outbox_api");
+    let writes = pool_for_writes(&pool, settings.notify);
+    let orders = Orders::new(writes, amqp_url, settings.exchange.clone(), &metrics);
+    let router = lab_core::http::service_router(
+        routes(orders),
+        vec![lab_core::postgres::dependency(pool)],
+        metrics,
+    );
+    lab_core::http::serve(listener, router, shutdown).await?;
+    Ok(())
+}
+
+/// With `OUTBOX_NOTIFY=off` the API's connections tell the outbox trigger
+/// not to NOTIFY (a session setting the trigger reads), and the relay finds
+/// new events by polling alone.
+pub fn pool_for_writes(pool: &PgPool, notify: Switch) -> PgPool {
+    match notify {
+        Switch::On => pool.clone(),
+        Switch::Off => {
+            let options = (*pool.connect_options())
+                .clone()
+                .options([("outbox.notify", "off")]);
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(std::time::Duration::from_secs(2))
+                .connect_lazy_with(options)
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! The relay: outbox rows to RabbitMQ, marked published only once confirmed.
+//!
+//! One batch is one transaction: select pending rows in id order with
+//! `FOR UPDATE SKIP LOCKED`, publish them all (the batch is the window of
+//! outstanding publisher confirms: waiting for each confirm in turn would cap
+//! the relay at one broker round trip per event), wait for the confirms,
+//! mark the confirmed prefix published, commit. A crash anywhere before the
+//! commit leaves the rows pending and they are published again: delivery is
+//! at least once, and the consumer makes it effectively once.
+//!
+//! Per-aggregate order needs a single publisher, so relays elect a leader:
+//! the one holding a Postgres session advisory lock. The lock lives on the
+//! connection that runs the batches, so a leader that loses its database
+//! connection loses the lock at the same moment and cannot publish on as a
+//! zombie. Standbys retry the lock every `RELAY_LEASE_RETRY_MS` and take over
+//! when the leader dies (Postgres drops a dead session's locks).
+//!
+//! The relay sleeps until a trigger's `NOTIFY outbox` says a row committed,
+//! or the poll interval passes (NOTIFY is not durable: one sent while the
+//! relay was reconnecting is gone, the poll catches what it missed).
+//!
+//! lapin does not reconnect by itself, so the relay owns that loop: a broker
+//! failure closes the connection, waits with backoff and connects again,
+//! keeping the lead; events written meanwhile wait in the outbox.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{Router, extract::State, routing::get};
+use lab_core::{Json, metrics::Metrics};
+use lapin::{Channel, Confirmation, Connection, options::ConfirmSelectOptions};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool, postgres::PgListener};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{Settings, events};
+
+/// The advisory lock key all relays of one database contend for ("outbox").
+const LEADER_LOCK: i64 = 0x6f75_7462_6f78;
+/// How long to wait for the confirms of one batch before giving up on the
+/// connection.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the leader deletes published rows older than the retention.
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    /// The database side failed: the lead is lost with the connection.
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    /// The broker side failed: reconnect, keep the lead.
+    #[error("{0}")]
+    Broker(String),
+}
+
+fn broker(err: impl std::fmt::Display) -> RelayError {
+    RelayError::Broker(err.to_string())
+}
+
+/// What `/status` and the metrics say about one relay.
+#[derive(Default)]
+pub struct RelayState {
+    pub id: Uuid,
+    leader: AtomicBool,
+    leader_gauge: Gauge,
+    broker_connected: Gauge,
+    published: Counter,
+    batches: Counter,
+}
+
+/// `GET /status` on the relay's port.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RelayStatus {
+    pub relay_id: Uuid,
+    pub leader: bool,
+    pub broker_connected: bool,
+    pub published: u64,
+    pub batches: u64,
+}
+
+impl RelayState {
+    pub fn status(&self) -> RelayStatus {
+        RelayStatus {
+            relay_id: self.id,
+            leader: self.leader.load(Ordering::SeqCst),
+            broker_connected: self.broker_connected.get() == 1,
+            published: self.published.get(),
+            batches: self.batches.get(),
+        }
+    }
+
+    fn set_leader(&self, leader: bool) {
+        self.leader.store(leader, Ordering::SeqCst);
+        self.leader_gauge.set(i64::from(leader));
+    }
+}
+
+#[derive(Clone)]
+pub struct Relay {
+    pool: PgPool,
+    amqp_url: String,
+    settings: Arc<Settings>,
+    state: Arc<RelayState>,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, amqp_url: String, settings: Settings, metrics: &Metrics) -> Self {
+        let state = Arc::new(RelayState {
+            id: Uuid::now_v7(),
+            ..RelayState::default()
+        });
+        metrics.register(
+            "leader",
+            "1 while this relay holds the lead and publishes",
+            state.leader_gauge.clone(),
+        );
+        metrics.register(
+            "broker_connected",
+            "1 while the relay has a RabbitMQ connection",
+            state.broker_connected.clone(),
+        );
+        metrics.register(
+            "published",
+            "Events published and confirmed by the broker",
+            state.published.clone(),
+        );
+        metrics.register("batches", "Batches committed", state.batches.clone());
+        Self {
+            pool,
+            amqp_url,
+            settings: Arc::new(settings),
+            state,
+        }
+    }
+
+    pub fn state(&self) -> Arc<RelayState> {
+        self.state.clone()
+    }
+
+    /// Stands by, leads when elected, and starts over after any failure,
+    /// until `shutdown` fires.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut backoff = Backoff::default();
+        while !shutdown.is_cancelled() {
+            match self.stand_by_then_lead(&shutdown).await {
+                Ok(()) => backoff.reset(),
+                Err(err) => {
+                    tracing::warn!(relay = %self.state.id, "relay lost the lead: {err}; retrying in {:?}", backoff.peek());
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = backoff.wait() => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn stand_by_then_lead(&self, shutdown: &CancellationToken) -> Result<(), RelayError> {
+        // A connection of its own, outside the pool: the lock belongs to it.
+        let mut lock = self.pool.acquire().await?.detach();
+        loop {
+            let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(LEADER_LOCK)
+                .fetch_one(&mut lock)
+                .await?;
+            if won {
+                break;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(Duration::from_millis(self.settings.relay_lease_retry_ms)) => {}
+            }
+        }
+        tracing::info!(relay = %self.state.id, "relay leads");
+        self.state.set_leader(true);
+        let result = self.lead(&mut lock, shutdown).await;
+        self.state.set_leader(false);
+        // Closing the session releases the lock for a standby.
+        let _ = sqlx::Connection::close(lock).await;
+        result
+    }
+
+    async fn lead(
+        &self,
+        lock: &mut PgConnection,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen("outbox").await?;
+        let mut backoff = Backoff::default();
+        loop {
+            let connected = self.connect().await;
+            let failure = match connected {
+                Ok((connection, channel)) => {
+                    self.state.broker_connected.set(1);
+                    backoff.reset();
+                    let result = self
+                        .publish_until_broken(lock, &mut listener, &channel, shutdown)
+                        .await;
+                    self.state.broker_connected.set(0);
+                    lab_core::amqp::close(&connection, "relay stopping").await;
+                    match result {
+                        Ok(()) => return Ok(()),
+                        Err(RelayError::Postgres(err)) => return Err(err.into()),
+                        Err(RelayError::Broker(err)) => err,
+                    }
+                }
+                Err(err) => err,
+            };
+            tracing::warn!(relay = %self.state.id, "{failure}; reconnecting in {:?}", backoff.peek());
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = backoff.wait() => {}
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<(Connection, Channel), String> {
+        use lab_core::amqp::bounded;
+        let connection = lab_core::amqp::connect(&self.amqp_url, "outbox-relay").await?;
+        let channel = bounded(connection.create_channel()).await?;
+        bounded(channel.confirm_select(ConfirmSelectOptions::default())).await?;
+        bounded(events::declare_exchange(&channel, &self.settings.exchange)).await?;
+        tracing::info!(relay = %self.state.id, broker = %lab_core::amqp::where_is(&self.amqp_url), "relay connected to RabbitMQ");
+        Ok((connection, channel))
+    }
+
+    async fn publish_until_broken(
+        &self,
+        lock: &mut PgConnection,
+        listener: &mut PgListener,
+        channel: &Channel,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        let poll = Duration::from_millis(self.settings.relay_poll_interval_ms);
+        let mut last_cleanup: Option<Instant> = None;
+        loop {
+            // Every notification already waiting is covered by the drain
+            // below, so take them all now: under a burst of commits, waking
+            // once per notification would run one near-empty batch per event
+            // (and a backlog of stale wake-ups would outlive the burst). One
+            // arriving during the drain wakes the next round.
+            while let Ok(Ok(_)) = tokio::time::timeout(Duration::ZERO, listener.recv()).await {}
+            while self.publish_batch(lock, channel).await?
+                == self.settings.relay_batch_size as usize
+                && !shutdown.is_cancelled()
+            {}
+            if last_cleanup.is_none_or(|at| at.elapsed() >= CLEANUP_EVERY) {
+                self.clean_up(lock).await?;
+                last_cleanup = Some(Instant::now());
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                notification = listener.recv() => { notification?; }
+                () = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    /// One batch, one transaction. Returns how many rows it marked published.
+    async fn publish_batch(
+        &self,
+        lock: &mut PgConnection,
+        channel: &Channel,
+    ) -> Result<usize, RelayError> {
+        let mut tx = sqlx::Connection::begin(&mut *lock).await?;
+        let rows: Vec<(i64, Uuid, Uuid, String, String)> = sqlx::query_as(
+            "SELECT id, event_id, aggregate_id, event_type, payload::text FROM outbox \
+             WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(self.settings.relay_batch_size)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+
+        // Publish the whole batch, then wait: every message is in flight at once.
+        let mut confirms = Vec::with_capacity(rows.len());
+        for (_, event_id, aggregate_id, event_type, payload) in &rows {
+            let confirm = events::publish(
+                channel,
+                &self.settings.exchange,
+                *event_id,
+                event_type,
+                *aggregate_id,
+                payload.as_bytes(),
+                true, // an unroutable event comes back rather than vanishing
+            )
+            .await
+            .map_err(broker)?;
+            confirms.push(confirm);
+        }
+        let confirmations =
+            tokio::time::timeout(CONFIRM_TIMEOUT, futures::future::try_join_all(confirms))
+                .await
+                .map_err(|_| broker(format!("no publisher confirms within {CONFIRM_TIMEOUT:?}")))?
+                .map_err(broker)?;
+
+        // Only the confirmed prefix is marked: marking a later event while an
+        // earlier one of the same order must be sent again would reorder them.
+        let mut problem = None;
+        let mut confirmed = Vec::with_capacity(rows.len());
+        for (row, confirmation) in rows.iter().zip(confirmations) {
+            match confirmation {
+                Confirmation::Ack(None) => confirmed.push(row.0),
+                Confirmation::Ack(Some(_)) => {
+                    problem = Some(format!(
+                        "RabbitMQ had no queue bound for {:?} on exchange {:?} (is the consumer running?)",
+                        row.3, self.settings.exchange
+                    ));
+                    break;
+                }
+                Confirmation::Nack(_) => {
+                    problem = Some("RabbitMQ refused a message (nack)".into());
+                    break;
+                }
+                Confirmation::NotRequested => {
+                    problem = Some("the channel is not in confirm mode".into());
+                    break;
+                }
+            }
+        }
+        if !confirmed.is_empty() {
+            sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+                .bind(&confirmed)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.state.published.inc_by(confirmed.len() as u64);
+        self.state.batches.inc();
+        match problem {
+            Some(problem) => Err(RelayError::Broker(problem)),
+            None => Ok(confirmed.len()),
+        }
+    }
+
+    /// Deletes published rows past the retention period.
+    async fn clean_up(&self, lock: &mut PgConnection) -> Result<(), RelayError> {
+        let deleted = sqlx::query(
+            "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)",
+        )
+        .bind(self.settings.retention_secs as f64)
+        .execute(lock)
+        .await?
+        .rows_affected();
+        if deleted > 0 {
+            tracing::info!(deleted, "outbox rows past retention deleted");
+        }
+        Ok(())
+    }
+}
+
+/// Exponential backoff from 100 ms to 5 s.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Backoff {
+    fn peek(&self) -> Duration {
+        self.next
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+    }
+
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
+
+async fn status(State(state): State<Arc<RelayState>>) -> Json<RelayStatus> {
+    Json(state.status())
+}
+
+/// Runs a relay, with `/status`, `/healthz`, `/readyz` and `/metrics` on
+/// `listener`.
+pub async fn serve(
+    listener: TcpListener,
+    pool: PgPool,
+    amqp_url: String,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::new("outbox_relay");
+    let relay = Relay::new(pool.clone(), amqp_url.clone(), settings, &metrics);
+    let routes = Router::new()
+        .route("/status", get(status))
+        .with_state(relay.state());
+    let router = lab_core::http::service_router(
+        routes,
+        vec![
+            lab_core::postgres::dependency(pool),
+            crate::broker_dependency(amqp_url),
+        ],
+        metrics,
+    );
+    let http = lab_core::http::serve(listener, router, shutdown.clone());
+    let (http, relay) = tokio::join!(http, relay.run(shutdown));
+    http?;
+    relay
+}

@@ -1,0 +1,712 @@
+//! The outbox lab: a dual write loses events, the outbox loses none.
+//!
+//! Run one: `cargo test -p workshop --test outbox <name>`.
+//! Each test gets a fresh database from `#[sqlx::test]` and its own exchange
+//! and queues on the shared RabbitMQ; broker outages go through a proxy the
+//! test cuts, and crashes are tasks aborted mid-flight.
+
+use std::{collections::HashMap, future::Future, time::Duration};
+
+use futures::{StreamExt, future::join_all, stream};
+use lab_core::proxy::Proxy;
+use lapin::{
+    BasicProperties,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
+    types::FieldTable,
+};
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+use workshop::{OutboxTopology, Service, amqp_channel, amqp_url, closed_port};
+
+fn order_body(customer: &str) -> Value {
+    json!({"customer_id": customer, "items": [
+        {"sku": "KB-1", "quantity": 2, "price_cents": 4999},
+        {"sku": "MOUSE-7", "quantity": 1, "price_cents": 1999}
+    ]})
+}
+
+async fn create_order(api: &Service, path: &str, body: &Value) -> (StatusCode, Value) {
+    let response = Client::new()
+        .post(api.url(path))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (response.status(), response.json().await.unwrap())
+}
+
+async fn new_order(api: &Service, customer: &str) -> Uuid {
+    let (status, body) = create_order(api, "/orders", &order_body(customer)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["id"].as_str().unwrap().parse().unwrap()
+}
+
+async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// Polls `check` until it returns `Some`, or fails after `limit` naming `what`.
+async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_for_count(pool: &PgPool, sql: &'static str, want: i64, limit: Duration) {
+    eventually(&format!("{sql} = {want}"), limit, || async {
+        (count(pool, sql).await == want).then_some(())
+    })
+    .await;
+}
+
+/// Starts a consumer and waits until its queue exists (before that,
+/// published events have nowhere to go).
+async fn start_consumer(pool: &PgPool, amqp_url: &str, topology: &OutboxTopology) -> Service {
+    let consumer = Service::consumer(pool.clone(), amqp_url, &topology.settings).await;
+    eventually(
+        "the consumer to connect",
+        Duration::from_secs(10),
+        || async {
+            consumer.get_json("/stats").await["broker_connected"]
+                .as_bool()
+                .unwrap_or(false)
+                .then_some(())
+        },
+    )
+    .await;
+    consumer
+}
+
+async fn relay_status(relay: &Service) -> Value {
+    relay.get_json("/status").await
+}
+
+const NOTIFICATIONS: &str = "SELECT count(*) FROM notifications";
+const PENDING: &str = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn an_order_and_its_event_commit_together_or_not_at_all(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let api = Service::api(pool.clone(), &amqp_url(), &topology.settings).await;
+
+    // A failure injected after the order row is written: the outbox insert
+    // that follows it in the same transaction fails.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE EXCEPTION 'outbox write refused by the test'; END $$; \
+         CREATE TRIGGER refuse BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (status, body) = create_order(&api, "/orders", &order_body("c-1")).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(body["error"]["code"], "internal");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM orders").await,
+        0,
+        "the order was rolled back with its event"
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 0);
+
+    sqlx::raw_sql("DROP TRIGGER refuse ON outbox")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let id = new_order(&api, "c-1").await;
+    let (orders, events): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orders WHERE id = $1), \
+                (SELECT count(*) FROM outbox WHERE aggregate_id = $1 AND event_type = 'order.created')",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((orders, events), (1, 1));
+    api.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn the_relay_publishes_each_orders_events_in_id_order(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let amqp = amqp_url();
+    // A probe queue of the test's own sees exactly what the relay sends.
+    let channel = amqp_channel().await;
+    outbox::events::declare_exchange(&channel, &topology.settings.exchange)
+        .await
+        .unwrap();
+    let probe = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            probe.name().clone(),
+            topology.settings.exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let api = Service::api(pool.clone(), &amqp, &topology.settings).await;
+    let relay = Service::relay(pool.clone(), &amqp, &topology.settings).await;
+
+    // Twenty orders created and cancelled side by side, while the relay runs.
+    let ids = join_all((0..20).map(|i| {
+        let api = &api;
+        async move {
+            let id = new_order(api, &format!("c-{i}")).await;
+            let response = Client::new()
+                .post(api.url(&format!("/orders/{id}/cancel")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            id
+        }
+    }))
+    .await;
+
+    let mut consumer = channel
+        .basic_consume(
+            probe.name().clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut seen: HashMap<Uuid, Vec<(String, Uuid)>> = HashMap::new();
+    for _ in 0..40 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("40 events within 10 s")
+            .unwrap()
+            .unwrap();
+        let event: Value = serde_json::from_slice(&delivery.data).unwrap();
+        assert_eq!(
+            delivery.properties.message_id().as_ref().unwrap().as_str(),
+            event["event_id"].as_str().unwrap(),
+            "message_id is the event id"
+        );
+        assert_eq!(
+            delivery.routing_key.as_str(),
+            event["event_type"].as_str().unwrap()
+        );
+        let aggregate: Uuid = event["aggregate_id"].as_str().unwrap().parse().unwrap();
+        seen.entry(aggregate).or_default().push((
+            event["event_type"].as_str().unwrap().to_owned(),
+            event["event_id"].as_str().unwrap().parse().unwrap(),
+        ));
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    for id in ids {
+        let events = &seen[&id];
+        let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(types, ["order.created", "order.cancelled"], "order {id}");
+        let outbox_order: Vec<Uuid> =
+            sqlx::query_scalar("SELECT event_id FROM outbox WHERE aggregate_id = $1 ORDER BY id")
+                .bind(id)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let published: Vec<Uuid> = events.iter().map(|(_, e)| *e).collect();
+        assert_eq!(published, outbox_order, "order {id}: published in id order");
+    }
+    wait_for_count(&pool, PENDING, 0, Duration::from_secs(5)).await;
+    relay.stop().await.unwrap();
+    api.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_relay_killed_between_publish_and_mark_is_redelivered_and_suppressed(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let amqp = amqp_url();
+    let api = Service::api(pool.clone(), &amqp, &topology.settings).await;
+    for i in 0..3 {
+        new_order(&api, &format!("c-{i}")).await;
+    }
+    let consumer = start_consumer(&pool, &amqp, &topology).await;
+
+    // SHARE mode lets the relay SELECT … FOR UPDATE its batch but blocks its
+    // UPDATE … SET published_at: it publishes, gets confirms, then hangs
+    // before marking anything.
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox IN SHARE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let first = Service::relay(pool.clone(), &amqp, &topology.settings).await;
+    wait_for_count(&pool, NOTIFICATIONS, 3, Duration::from_secs(10)).await;
+    assert_eq!(
+        count(&pool, PENDING).await,
+        3,
+        "published, confirmed, not yet marked"
+    );
+
+    first.kill();
+    blocker.commit().await.unwrap();
+    let second = Service::relay(pool.clone(), &amqp, &topology.settings).await;
+    wait_for_count(&pool, PENDING, 0, Duration::from_secs(10)).await;
+    eventually(
+        "three suppressed duplicates",
+        Duration::from_secs(10),
+        || async {
+            (consumer.get_json("/stats").await["duplicates_suppressed"] == 3).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        count(&pool, NOTIFICATIONS).await,
+        3,
+        "one notification per event"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM processed_events").await,
+        3
+    );
+    second.stop().await.unwrap();
+    consumer.stop().await.unwrap();
+    api.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_broker_outage_mid_stream_of_5000_events_ends_with_each_handled_once(pool: PgPool) {
+    const EVENTS: i64 = 5000;
+    let topology = OutboxTopology::new();
+    let amqp = amqp_url();
+    let proxy = Proxy::start(&lab_core::amqp::where_is(&amqp))
+        .await
+        .unwrap();
+    let via_proxy = proxy.url("amqp");
+    // Orders go straight to Postgres; relay and consumer reach RabbitMQ through the proxy.
+    let api = Service::api(pool.clone(), &amqp, &topology.settings).await;
+    let consumer = start_consumer(&pool, &via_proxy, &topology).await;
+    let relay = Service::relay(pool.clone(), &via_proxy, &topology.settings).await;
+
+    let producer = {
+        let base = api.base.clone();
+        tokio::spawn(async move {
+            let http = Client::new();
+            stream::iter(0..EVENTS)
+                .for_each_concurrent(16, |i| {
+                    let (http, base) = (http.clone(), base.clone());
+                    async move {
+                        let response = http
+                            .post(format!("{base}/orders"))
+                            .json(&order_body(&format!("c-{}", i % 100)))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(response.status(), StatusCode::CREATED);
+                    }
+                })
+                .await;
+        })
+    };
+    eventually(
+        "a quarter of the events handled",
+        Duration::from_secs(60),
+        || async { (count(&pool, NOTIFICATIONS).await >= EVENTS / 4).then_some(()) },
+    )
+    .await;
+    proxy.cut();
+    eventually(
+        "the relay to see the outage",
+        Duration::from_secs(5),
+        || async { (relay_status(&relay).await["broker_connected"] == false).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during_outage = count(&pool, NOTIFICATIONS).await;
+    proxy.restore();
+    producer.await.unwrap();
+
+    wait_for_count(&pool, NOTIFICATIONS, EVENTS, Duration::from_secs(120)).await;
+    assert!(during_outage < EVENTS, "the outage began mid-stream");
+    assert_eq!(count(&pool, "SELECT count(*) FROM orders").await, EVENTS);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM processed_events").await,
+        EVENTS
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(DISTINCT order_id) FROM notifications").await,
+        EVENTS
+    );
+    wait_for_count(&pool, PENDING, 0, Duration::from_secs(10)).await;
+    relay.stop().await.unwrap();
+    consumer.stop().await.unwrap();
+    api.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn two_relays_one_publishes_and_the_standby_takes_over_when_it_dies(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let amqp = amqp_url();
+    let api = Service::api(pool.clone(), &amqp, &topology.settings).await;
+    let consumer = start_consumer(&pool, &amqp, &topology).await;
+    let first = Service::relay(pool.clone(), &amqp, &topology.settings).await;
+    eventually(
+        "the first relay to lead",
+        Duration::from_secs(10),
+        || async { (relay_status(&first).await["leader"] == true).then_some(()) },
+    )
+    .await;
+    let second = Service::relay(pool.clone(), &amqp, &topology.settings).await;
+
+    for i in 0..100 {
+        new_order(&api, &format!("c-{i}")).await;
+    }
+    wait_for_count(&pool, NOTIFICATIONS, 100, Duration::from_secs(20)).await;
+    let (a, b) = (relay_status(&first).await, relay_status(&second).await);
+    assert_eq!(
+        (a["leader"].clone(), b["leader"].clone()),
+        (json!(true), json!(false))
+    );
+    assert_eq!(
+        (a["published"].clone(), b["published"].clone()),
+        (json!(100), json!(0))
+    );
+
+    first.kill();
+    eventually(
+        "the standby to take the lead",
+        Duration::from_secs(10),
+        || async { (relay_status(&second).await["leader"] == true).then_some(()) },
+    )
+    .await;
+    for i in 100..200 {
+        new_order(&api, &format!("c-{i}")).await;
+    }
+    wait_for_count(&pool, NOTIFICATIONS, 200, Duration::from_secs(20)).await;
+    wait_for_count(&pool, PENDING, 0, Duration::from_secs(10)).await;
+    assert!(relay_status(&second).await["published"].as_u64().unwrap() >= 100);
+    assert_eq!(
+        count(&pool, "SELECT count(DISTINCT order_id) FROM notifications").await,
+        200
+    );
+    second.stop().await.unwrap();
+    consumer.stop().await.unwrap();
+    api.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_poison_message_goes_to_the_dead_letter_queue_and_later_ones_still_flow(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let amqp = amqp_url();
+    let consumer = start_consumer(&pool, &amqp, &topology).await;
+    let channel = amqp_channel().await;
+    let exchange = topology.settings.exchange.as_str();
+    let unknown = json!({"event_id": Uuid::now_v7(), "event_type": "order.shipped",
+        "aggregate_id": Uuid::now_v7(), "occurred_at": "2026-11-23T10:00:00Z", "data": {}});
+    for (key, body) in [
+        ("order.created", b"{not json".to_vec()),
+        ("order.shipped", serde_json::to_vec(&unknown).unwrap()),
+    ] {
+        channel
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+
+    let api = Service::api(pool.clone(), &amqp, &topology.settings).await;
+    let relay = Service::relay(pool.clone(), &amqp, &topology.settings).await;
+    let id = new_order(&api, "c-after-the-poison").await;
+    let notes = eventually(
+        "the later order's notification",
+        Duration::from_secs(10),
+        || async {
+            let notes = consumer
+                .get_json(&format!("/notifications?order_id={id}"))
+                .await;
+            (notes.as_array().unwrap().len() == 1).then_some(notes)
+        },
+    )
+    .await;
+    assert_eq!(notes[0]["event_type"], "order.created");
+
+    let dlq = outbox::events::dead_letter_queue(&topology.settings.queue);
+    let dead = eventually("two dead letters", Duration::from_secs(10), || async {
+        let queue = channel
+            .queue_declare(
+                dlq.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (queue.message_count() == 2).then_some(queue.message_count())
+    })
+    .await;
+    assert_eq!(dead, 2);
+    let stats = consumer.get_json("/stats").await;
+    assert_eq!(
+        (stats["dead_lettered"].clone(), stats["handled"].clone()),
+        (json!(2), json!(1))
+    );
+    relay.stop().await.unwrap();
+    consumer.stop().await.unwrap();
+    api.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn the_same_idempotency_key_twice_creates_one_order(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let api = Service::api(pool.clone(), &amqp_url(), &topology.settings).await;
+    let http = Client::new();
+    let post = |key: &'static str, body: Value| {
+        http.post(api.url("/orders"))
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+    };
+
+    let first = post("retry-1", order_body("c-1")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first: Value = first.json().await.unwrap();
+    let again = post("retry-1", order_body("c-1")).await.unwrap();
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        again.json::<Value>().await.unwrap(),
+        first,
+        "the first response, replayed"
+    );
+
+    let other = post("retry-1", order_body("someone-else")).await.unwrap();
+    assert_eq!(other.status(), StatusCode::CONFLICT);
+
+    // Ten at once with one key: the unique index lets one through.
+    let racing = join_all((0..10).map(|_| post("retry-2", order_body("c-2")))).await;
+    let ids: std::collections::HashSet<String> = join_all(racing.into_iter().map(|r| async {
+        let r = r.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }))
+    .await
+    .into_iter()
+    .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(count(&pool, "SELECT count(*) FROM orders").await, 2);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM outbox").await,
+        2,
+        "one event per order"
+    );
+    api.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn chaos_dual_write_loses_events_the_outbox_loses_none(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let scenario = outbox::chaos::Scenario {
+        orders: 600,
+        rate: 200.0,
+        cuts: 2,
+        outage: Duration::from_millis(700),
+        settle_timeout: Duration::from_secs(60),
+    };
+    let report = outbox::chaos::run(
+        pool,
+        &amqp_url(),
+        topology.settings.clone(),
+        scenario,
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let (dual, outbox) = (report.path("dual-write"), report.path("outbox"));
+    assert_eq!(report.failed_requests, 0);
+    assert_eq!((dual.committed, outbox.committed), (300, 300));
+    assert!(
+        dual.lost > 0,
+        "the dual write lost nothing under two cuts: {report:?}"
+    );
+    assert_eq!(outbox.lost, 0, "{report:?}");
+    assert_eq!(outbox.delivered, 300);
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn bad_orders_get_the_documented_errors(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let api = Service::api(pool.clone(), &amqp_url(), &topology.settings).await;
+    let item = |quantity: i64| json!({"sku": "A", "quantity": quantity, "price_cents": 100});
+    let cases = [
+        (
+            "/orders",
+            json!({"customer_id": "c", "items": []}),
+            422,
+            "items",
+        ),
+        (
+            "/orders",
+            json!({"customer_id": "c", "items": [item(0)]}),
+            422,
+            "quantity",
+        ),
+        (
+            "/orders",
+            json!({"customer_id": "c", "items": [item(-3)]}),
+            422,
+            "quantity",
+        ),
+        (
+            "/orders",
+            json!({"customer_id": "", "items": [item(1)]}),
+            422,
+            "customer_id",
+        ),
+        (
+            "/orders",
+            json!({"customer_id": "c", "items": [item(1)], "coupon": "X"}),
+            422,
+            "coupon",
+        ),
+        (
+            "/orders",
+            json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1}]}),
+            422,
+            "price_cents",
+        ),
+        (
+            "/orders?delivery=carrier-pigeon",
+            order_body("c"),
+            422,
+            "delivery",
+        ),
+    ];
+    for (path, body, status, names) in cases {
+        let (got, error) = create_order(&api, path, &body).await;
+        assert_eq!(got.as_u16(), status, "{body}: {error}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(names), "{body}: {message}");
+    }
+    let http = Client::new();
+    let malformed = http
+        .post(api.url("/orders"))
+        .header("content-type", "application/json")
+        .body("{\"customer_id\":")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
+    let huge = json!({"customer_id": "c", "items": [{"sku": "x".repeat(70_000), "quantity": 1, "price_cents": 1}]});
+    let (status, error) = create_order(&api, "/orders", &huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{error}");
+    assert_eq!(count(&pool, "SELECT count(*) FROM orders").await, 0);
+    api.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn cancel_records_its_event_and_refuses_twice(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let amqp = amqp_url();
+    let api = Service::api(pool.clone(), &amqp, &topology.settings).await;
+    let consumer = start_consumer(&pool, &amqp, &topology).await;
+    let relay = Service::relay(pool.clone(), &amqp, &topology.settings).await;
+    let id = new_order(&api, "c-1").await;
+    let http = Client::new();
+    let cancel = || http.post(api.url(&format!("/orders/{id}/cancel"))).send();
+    let first = cancel().await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(first.json::<Value>().await.unwrap()["status"], "cancelled");
+    assert_eq!(cancel().await.unwrap().status(), StatusCode::CONFLICT);
+    let missing = http
+        .post(api.url(&format!("/orders/{}/cancel", Uuid::now_v7())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        api.get_json(&format!("/orders/{id}")).await["status"],
+        "cancelled"
+    );
+
+    let notes = eventually("both notifications", Duration::from_secs(10), || async {
+        let notes = consumer
+            .get_json(&format!("/notifications?order_id={id}"))
+            .await;
+        (notes.as_array().unwrap().len() == 2).then_some(notes)
+    })
+    .await;
+    assert_eq!(notes[0]["event_type"], "order.created");
+    assert_eq!(notes[1]["event_type"], "order.cancelled");
+    let stats = eventually("the outbox drained", Duration::from_secs(5), || async {
+        let stats = api.get_json("/outbox/stats").await;
+        (stats["pending"] == 0).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats["published"], 2);
+    assert_eq!(stats["by_type"]["order.cancelled"]["published"], 1);
+    relay.stop().await.unwrap();
+    consumer.stop().await.unwrap();
+    api.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn readyz_names_rabbitmq_when_the_broker_is_unreachable(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let nowhere = format!("amqp://guest:secret@127.0.0.1:{}/%2f", closed_port().await);
+    let relay = Service::relay(pool.clone(), &nowhere, &topology.settings).await;
+    let response = reqwest::get(relay.url("/readyz")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = response.json().await.unwrap();
+    let rabbit = body["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "rabbitmq")
+        .unwrap()
+        .clone();
+    assert_eq!(rabbit["ok"], false);
+    let message = rabbit["error"].as_str().unwrap();
+    assert!(
+        message.contains("RabbitMQ is not reachable at 127.0.0.1:"),
+        "{message}"
+    );
+    assert!(!message.contains("secret"), "{message}");
+    // Orders still commit: the outbox path does not need the broker.
+    let api = Service::api(pool.clone(), &nowhere, &topology.settings).await;
+    new_order(&api, "c-1").await;
+    assert_eq!(count(&pool, PENDING).await, 1);
+    relay.stop().await.unwrap();
+    api.stop().await.unwrap();
+}
