@@ -710,3 +710,33 @@ async fn readyz_names_rabbitmq_when_the_broker_is_unreachable(pool: PgPool) {
     relay.stop().await.unwrap();
     api.stop().await.unwrap();
 }
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn an_idle_relay_notices_a_lost_broker_and_reconnects(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let proxy = Proxy::start(&lab_core::amqp::where_is(&amqp_url()))
+        .await
+        .unwrap();
+    let relay = Service::relay(pool.clone(), &proxy.url("amqp"), &topology.settings).await;
+    let connected = || async { relay_status(&relay).await["broker_connected"].clone() };
+    eventually("the relay to connect", Duration::from_secs(10), || async {
+        (connected().await == true).then_some(())
+    })
+    .await;
+    // Nothing to publish: only listening to the connection can tell.
+    proxy.cut();
+    eventually(
+        "the idle relay to see the outage",
+        Duration::from_secs(5),
+        || async { (connected().await == false).then_some(()) },
+    )
+    .await;
+    proxy.restore();
+    eventually(
+        "the relay to reconnect",
+        Duration::from_secs(15),
+        || async { (connected().await == true).then_some(()) },
+    )
+    .await;
+    relay.stop().await.unwrap();
+}

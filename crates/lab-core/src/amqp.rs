@@ -37,6 +37,9 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, String> {
 /// connection that has already broken, lapin's close can wait forever for a
 /// reply that will never come.
 pub async fn close(connection: &Connection, reason: &str) {
+    if !connection.status().connected() {
+        return; // broken or closed already: nobody is there to answer
+    }
     let closing = connection.close(200, reason.into());
     let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
 }

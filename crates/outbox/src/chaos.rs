@@ -15,6 +15,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use lab_core::{metrics::Metrics, proxy::Proxy};
+use lapin::{options::QueueDeclareOptions, types::FieldTable};
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio::{task::JoinSet, time::Instant};
@@ -182,8 +183,16 @@ pub async fn run(
     }
     proxy.restore();
 
-    // Settled: nothing pending in the outbox, the consumer connected (a
-    // reconnecting consumer leaves its queue untouched) and quiet for a second.
+    // Settled: nothing pending in the outbox, nothing waiting in the queue
+    // (asked of the broker directly, not through the proxy), the consumer
+    // connected (a reconnecting consumer leaves its queue untouched) and
+    // quiet for a second.
+    let inspector = lab_core::amqp::connect(amqp_url, "outbox-chaos-inspector")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let inspect = lab_core::amqp::bounded(inspector.create_channel())
+        .await
+        .map_err(anyhow::Error::msg)?;
     let deadline = Instant::now() + scenario.settle_timeout;
     let mut last = (-1, -1);
     let mut quiet_since = Instant::now();
@@ -195,11 +204,23 @@ pub async fn run(
         let handled: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications")
             .fetch_one(&pool)
             .await?;
+        let queued = lab_core::amqp::bounded(inspect.queue_declare(
+            settings.queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ))
+        .await
+        .map_err(anyhow::Error::msg)?
+        .message_count();
         progress(Progress::Settling { pending });
         if (pending, handled) != last {
             last = (pending, handled);
             quiet_since = Instant::now();
         } else if pending == 0
+            && queued == 0
             && consumer_stats.connected()
             && quiet_since.elapsed() >= Duration::from_secs(1)
         {
@@ -235,6 +256,7 @@ pub async fn run(
             duplicates_suppressed: consumer_stats.duplicates(path),
         });
     }
+    lab_core::amqp::close(&inspector, "chaos settled").await;
     stop.cancel();
     while services.join_next().await.is_some() {}
     Ok(Report {

@@ -256,12 +256,19 @@ impl Consumer {
                 },
             }
         };
-        // Stop the flow, then let the lanes finish what they hold.
-        let _ =
-            bounded(channel.basic_cancel(deliveries.tag(), BasicCancelOptions::default())).await;
+        // Say so at once: the teardown below can take seconds, and a
+        // consumer that still claimed to be connected meanwhile would look
+        // idle rather than broken.
+        self.stats.connected.set(0);
+        // Stop the flow (on a live connection: on a broken one the cancel
+        // would only wait out its deadline), then let the lanes finish what
+        // they hold.
+        if connection.status().connected() {
+            let _ = bounded(channel.basic_cancel(deliveries.tag(), BasicCancelOptions::default()))
+                .await;
+        }
         drop(lanes);
         while workers.join_next().await.is_some() {}
-        self.stats.connected.set(0);
         lab_core::amqp::close(&connection, "consumer stopping").await;
         result
     }

@@ -32,6 +32,7 @@ use std::{
 };
 
 use axum::{Router, extract::State, routing::get};
+use futures::StreamExt;
 use lab_core::{Json, metrics::Metrics};
 use lapin::{Channel, Confirmation, Connection, options::ConfirmSelectOptions};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
@@ -205,7 +206,7 @@ impl Relay {
                     self.state.broker_connected.set(1);
                     backoff.reset();
                     let result = self
-                        .publish_until_broken(lock, &mut listener, &channel, shutdown)
+                        .publish_until_broken(lock, &mut listener, &connection, &channel, shutdown)
                         .await;
                     self.state.broker_connected.set(0);
                     lab_core::amqp::close(&connection, "relay stopping").await;
@@ -239,12 +240,20 @@ impl Relay {
         &self,
         lock: &mut PgConnection,
         listener: &mut PgListener,
+        connection: &Connection,
         channel: &Channel,
         shutdown: &CancellationToken,
     ) -> Result<(), RelayError> {
         let poll = Duration::from_millis(self.settings.relay_poll_interval_ms);
         let mut last_cleanup: Option<Instant> = None;
+        // An idle relay sends nothing, so without listening it would learn of
+        // a lost broker only at its next publish, and `/status` would say
+        // connected all the while.
+        let mut broker_events = std::pin::pin!(connection.events_listener());
         loop {
+            if !connection.status().connected() {
+                return Err(broker("the connection to RabbitMQ is closed"));
+            }
             // Every notification already waiting is covered by the drain
             // below, so take them all now: under a burst of commits, waking
             // once per notification would run one near-empty batch per event
@@ -262,6 +271,11 @@ impl Relay {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 notification = listener.recv() => { notification?; }
+                event = broker_events.next() => match event {
+                    Some(lapin::Event::Error(err)) => return Err(broker(err)),
+                    None => return Err(broker("the connection to RabbitMQ ended")),
+                    Some(_) => {}
+                },
                 () = tokio::time::sleep(poll) => {}
             }
         }
