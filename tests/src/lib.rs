@@ -73,6 +73,32 @@ impl Drop for CatalogApp {
     }
 }
 
+/// Waits until `base`'s `/readyz` answers 200 (for at most 10 s), failing
+/// with what it says otherwise.
+pub async fn wait_ready(base: &str) {
+    let url = format!("{base}/readyz");
+    for _ in 0..200 {
+        if let Ok(response) = reqwest::get(&url).await
+            && response.status() == reqwest::StatusCode::OK
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{base} was not ready within 10 s: {}", get_json(&url).await);
+}
+
+/// GET `url` and parse the JSON body, whatever the status.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    let response = reqwest::get(url)
+        .await
+        .unwrap_or_else(|err| panic!("GET {url}: {err}"));
+    response
+        .json()
+        .await
+        .unwrap_or_else(|err| panic!("GET {url}: not JSON: {err}"))
+}
+
 /// A local port with nothing listening on it.
 pub async fn closed_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -288,12 +314,7 @@ impl Service {
 
     /// GET `path` and parse the JSON body, whatever the status.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        reqwest::get(self.url(path))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(&self.url(path)).await
     }
 
     /// Triggers shutdown and waits for the drain.
@@ -374,5 +395,615 @@ impl Drop for OutboxTopology {
             });
         })
         .join();
+    }
+}
+
+/// A chat instance served in-process on an ephemeral port. Instances that
+/// share a key prefix share rooms, as compose's two instances do.
+pub struct ChatApp {
+    pub addr: SocketAddr,
+    pub prefix: String,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ChatApp {
+    /// Test settings: a fresh prefix, the production limits and timings.
+    pub fn settings() -> chat::Settings {
+        chat::Settings {
+            http_addr: "127.0.0.1:0".into(),
+            instance: "test".into(),
+            key_prefix: unique_prefix("chat"),
+            history_len: 1000,
+            rate_per_sec: std::num::NonZeroU32::new(10).unwrap(),
+            rate_burst: std::num::NonZeroU32::new(20).unwrap(),
+            outbound_queue: 256,
+            ping_interval_ms: 20_000,
+            idle_timeout_ms: 60_000,
+        }
+    }
+
+    pub async fn start(settings: chat::Settings) -> Self {
+        Self::start_at("127.0.0.1:0", settings, &redis_url()).await
+    }
+
+    /// Starts the service against `service_redis_url` (a proxy, say).
+    pub async fn start_with_redis(settings: chat::Settings, service_redis_url: &str) -> Self {
+        Self::start_at("127.0.0.1:0", settings, service_redis_url).await
+    }
+
+    /// Starts the service on `addr`: a restart on the port it had before.
+    pub async fn start_at(addr: &str, settings: chat::Settings, service_redis_url: &str) -> Self {
+        redis_connection(&redis_url()).await; // fail early, saying how to start Redis
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let prefix = settings.key_prefix.clone();
+        let redis = service_redis_url.to_owned();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { chat::serve(listener, &redis, settings, shutdown).await }
+        });
+        let app = Self {
+            addr,
+            prefix,
+            shutdown,
+            task: Some(task),
+        };
+        // Ready means Redis answers and the pub/sub bus is subscribed, so
+        // a test's first join goes through Redis.
+        wait_ready(&app.url("")).await;
+        app
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn ws_url(&self, room: &str, name: &str) -> String {
+        format!("ws://{}/ws?room={room}&name={name}", self.addr)
+    }
+
+    /// GET `path` and parse the JSON body, whatever the status.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        get_json(&self.url(path)).await
+    }
+
+    /// Triggers shutdown and waits for the drain.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.take().expect("stopped once").await?
+    }
+
+    /// Stops, then deletes the test's keys from the shared Redis.
+    pub async fn finish(self) -> anyhow::Result<()> {
+        let prefix = self.prefix.clone();
+        let result = self.stop().await;
+        delete_keys(&mut redis_connection(&redis_url()).await, &prefix).await;
+        result
+    }
+}
+
+impl Drop for ChatApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A chat instance on a runtime of its own, which a test can crash: the
+/// runtime is dropped with every task on it, so no connection closes
+/// cleanly and no member leaves; the process just stops answering, as a
+/// killed pod would.
+pub struct CrashableChat {
+    pub addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl CrashableChat {
+    /// Starts it and waits until it is subscribed to the rooms' channels.
+    pub async fn start(settings: chat::Settings) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let redis = redis_url();
+        runtime.spawn(async move {
+            let listener = TcpListener::from_std(listener)?;
+            chat::serve(listener, &redis, settings, CancellationToken::new()).await
+        });
+        let chat = Self {
+            addr,
+            runtime: Some(runtime),
+        };
+        wait_ready(&format!("http://{addr}")).await;
+        chat
+    }
+
+    pub fn ws_url(&self, room: &str, name: &str) -> String {
+        format!("ws://{}/ws?room={room}&name={name}", self.addr)
+    }
+
+    pub fn crash(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for CrashableChat {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Headless Chromium driven through ChromeDriver (WebDriver), for the pages
+/// the labs serve. Each `Browser` is its own browser session, so two of them
+/// are two people.
+pub struct Browser {
+    pub client: fantoccini::Client,
+}
+
+/// One ChromeDriver process, stopped when dropped.
+pub struct ChromeDriver {
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl ChromeDriver {
+    /// Starts `chromedriver` (or `$CHROMEDRIVER`) on a free port. A missing
+    /// browser fails the test, saying what to install: a browser test that
+    /// quietly skips proves nothing.
+    pub async fn start() -> Self {
+        let driver = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
+        let port = closed_port().await;
+        let child = std::process::Command::new(&driver)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!(
+                    "cannot start {driver} ({err}): the browser tests need headless Chromium \
+                     and ChromeDriver; install them with `apt-get install chromium \
+                     chromium-driver` (or set CHROMEDRIVER and CHROME_BIN)"
+                )
+            });
+        let driver_process = Self {
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+        };
+        for _ in 0..100 {
+            if reqwest::get(format!("{}/status", driver_process.url))
+                .await
+                .is_ok()
+            {
+                return driver_process;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!(
+            "{driver} did not answer on {} within 10 s",
+            driver_process.url
+        );
+    }
+
+    /// A new headless browser session.
+    pub async fn browser(&self) -> Browser {
+        let chrome = std::env::var("CHROME_BIN").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        assert!(
+            std::path::Path::new(&chrome).exists(),
+            "{chrome} not found: install it with `apt-get install chromium` (or set CHROME_BIN)"
+        );
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({
+                "binary": chrome,
+                // No sandbox: tests run as root in CI. The rest keeps Chromium
+                // from reaching for the network, which this machine refuses.
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+                         "--disable-background-networking", "--disable-component-update",
+                         "--disable-sync", "--window-size=1000,700"],
+            }),
+        );
+        let client = fantoccini::ClientBuilder::new(
+            hyper_util::client::legacy::connect::HttpConnector::new(),
+        )
+        .capabilities(capabilities)
+        .connect(&self.url)
+        .await
+        .unwrap_or_else(|err| panic!("start a headless Chromium session: {err}"));
+        Browser { client }
+    }
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Browser {
+    pub async fn goto(&self, url: &str) {
+        self.client.goto(url).await.unwrap();
+    }
+
+    /// Evaluates a JavaScript expression in the page.
+    pub async fn eval(&self, expression: &str) -> serde_json::Value {
+        self.client
+            .execute(&format!("return {expression};"), vec![])
+            .await
+            .unwrap_or_else(|err| panic!("evaluate `{expression}`: {err}"))
+    }
+
+    /// Polls `expression` until it is true, for at most `limit`; fails
+    /// showing the page's text.
+    pub async fn wait_until(&self, expression: &str, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if self.eval(expression).await == serde_json::Value::Bool(true) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let text = self.eval("document.body.innerText").await;
+        panic!("`{expression}` was not true within {limit:?}; the page shows:\n{text}");
+    }
+
+    /// Types `text` into the element with this id.
+    pub async fn type_into(&self, id: &str, text: &str) {
+        let input = self.client.find(fantoccini::Locator::Id(id)).await.unwrap();
+        input.send_keys(text).await.unwrap();
+    }
+
+    pub async fn click(&self, id: &str) {
+        self.client
+            .find(fantoccini::Locator::Id(id))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+
+    pub async fn close(self) {
+        let _ = self.client.close().await;
+    }
+}
+
+/// The MQTT broker the tests use: `MQTT_URL`, or the lab's default.
+pub fn mqtt_url() -> String {
+    std::env::var("MQTT_URL").unwrap_or_else(|_| lab_core::config::DEFAULT_MQTT_URL.to_owned())
+}
+
+/// A topic prefix no other test uses.
+pub fn unique_topic_prefix() -> String {
+    format!("test/{}/", uuid::Uuid::now_v7().simple())
+}
+
+/// Fails the test, saying how to start Mosquitto, when `url` does not answer.
+pub async fn require_broker(url: &str) {
+    let broker = telemetry::Broker::parse(url).unwrap();
+    let addr = (broker.host.as_str(), broker.port);
+    if let Err(err) = tokio::net::TcpStream::connect(addr).await {
+        panic!("{}", broker.describe(&err));
+    }
+}
+
+/// A Mosquitto of the test's own, run from the lab's config file
+/// (`deploy/mosquitto/mosquitto.conf`: logins, ACL, raised queue,
+/// persistence) on a free port. For what the shared broker must not see
+/// or cannot do: the ACL, more than 1000 queued messages for one client,
+/// a broker restart.
+pub struct PrivateBroker {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateBroker {
+    pub async fn start() -> Self {
+        let port = closed_port().await;
+        let dir =
+            std::env::temp_dir().join(format!("lab-mosquitto-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let mut broker = Self {
+            port,
+            dir,
+            child: None,
+        };
+        broker.spawn().await;
+        broker
+    }
+
+    async fn spawn(&mut self) {
+        let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/mosquitto")
+            .canonicalize()
+            .unwrap();
+        let config = std::fs::read_to_string(deploy.join("mosquitto.conf")).unwrap();
+        assert!(config.contains("listener 1883\n") && config.contains("/mosquitto/config/"));
+        let config = config
+            .replace(
+                "listener 1883\n",
+                &format!("listener {} 127.0.0.1\n", self.port),
+            )
+            .replace("/mosquitto/config/", &format!("{}/", deploy.display()))
+            .replace(
+                "/mosquitto/data/",
+                &format!("{}/", self.dir.join("data").display()),
+            );
+        let path = self.dir.join("mosquitto.conf");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(self.dir.join("mosquitto.log")).unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!(
+                    "cannot start mosquitto ({err}): install it with `apt-get install mosquitto`"
+                )
+            });
+        self.child = Some(child);
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!(
+            "the private mosquitto did not listen on {} within 5 s; its log:\n{}",
+            self.port,
+            std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+        );
+    }
+
+    /// `mqtt://user:password@127.0.0.1:<port>` for one of the lab's logins.
+    pub fn url(&self, user: &str) -> String {
+        let password = match user {
+            "ingest" => "ingest-secret",
+            "device" => "device-secret",
+            other => panic!("the lab's broker has no login {other:?}"),
+        };
+        format!("mqtt://{user}:{password}@127.0.0.1:{}", self.port)
+    }
+
+    pub fn anonymous_url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the broker and starts a fresh one on the same port, with
+    /// nothing persisted: every session, and every subscription, is gone.
+    pub async fn restart_empty(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(self.dir.join("data"));
+        std::fs::create_dir_all(self.dir.join("data")).unwrap();
+        self.spawn().await;
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The telemetry ingest served in-process on an ephemeral port.
+pub struct TelemetryApp {
+    pub base: String,
+    pub settings: telemetry::Settings,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TelemetryApp {
+    /// Test settings: a fresh topic prefix and client id, quick batches.
+    pub fn settings() -> telemetry::Settings {
+        telemetry::Settings {
+            http_addr: "127.0.0.1:0".into(),
+            client_id: format!("ingest-{}", uuid::Uuid::now_v7().simple()),
+            topic_prefix: unique_topic_prefix(),
+            share_group: "ingest".into(),
+            qos: 1,
+            batch_size: 500,
+            batch_interval_ms: 50,
+            session_expiry_secs: 600,
+            alert_threshold_c: 30.0,
+            alert_consecutive: 3,
+        }
+    }
+
+    pub async fn start(pool: PgPool, settings: telemetry::Settings, mqtt_url: &str) -> Self {
+        require_broker(mqtt_url).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let (settings, url, shutdown) =
+                (settings.clone(), mqtt_url.to_owned(), shutdown.clone());
+            async move { telemetry::serve(listener, pool, &url, settings, shutdown).await }
+        });
+        let app = Self {
+            base,
+            settings,
+            shutdown,
+            task: Some(task),
+        };
+        app.wait_until_ready().await;
+        app
+    }
+
+    /// Waits for `/readyz` (Postgres migrated, broker connected).
+    pub async fn wait_until_ready(&self) {
+        wait_ready(&self.base).await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn topics(&self) -> telemetry::Topics {
+        telemetry::Topics::new(&self.settings.topic_prefix)
+    }
+
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        get_json(&self.url(path)).await
+    }
+
+    /// A counter from `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.take().expect("stopped once").await?
+    }
+}
+
+impl Drop for TelemetryApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A bare MQTT 3.1.1 client for a test: publish what the test says, and
+/// collect what arrives on its subscriptions.
+pub struct MqttClient {
+    pub client: rumqttc::AsyncClient,
+    pub received: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>,
+    subacks: tokio::sync::mpsc::UnboundedReceiver<()>,
+    task: JoinHandle<()>,
+}
+
+impl MqttClient {
+    /// Connects as `client_id` and waits for the broker's answer.
+    pub async fn connect(url: &str, client_id: &str) -> Self {
+        let broker = telemetry::Broker::parse(url).unwrap();
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(broker.v4_options(client_id), 1000);
+        let (tx, received) = tokio::sync::mpsc::unbounded_channel();
+        let (suback_tx, subacks) = tokio::sync::mpsc::unbounded_channel();
+        let (connected_tx, connected) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut connected_tx = Some(connected_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        if let Some(tx) = connected_tx.take() {
+                            let _ = tx.send(Ok(()));
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let topic = p.topic.clone();
+                        let _ = tx.send((topic, p.payload.to_vec(), p.retain));
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = suback_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                    Ok(_) => {}
+                    Err(err) => {
+                        if let Some(tx) = connected_tx.take() {
+                            let _ = tx.send(Err(err.to_string()));
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(std::time::Duration::from_secs(5), connected).await {
+            Ok(Ok(Ok(()))) => Self {
+                client,
+                received,
+                subacks,
+                task,
+            },
+            other => panic!(
+                "MQTT client {client_id} could not connect to {}: {other:?}",
+                broker.place()
+            ),
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>, qos: rumqttc::QoS) {
+        self.client
+            .publish(topic, qos, false, payload.into())
+            .await
+            .unwrap();
+    }
+
+    /// Subscribes and waits for the broker's SubAck.
+    pub async fn subscribe(&mut self, filter: &str) {
+        self.client
+            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), self.subacks.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no SubAck for {filter} within 5 s"));
+    }
+
+    /// The next message, within `limit`.
+    pub async fn next(&mut self, limit: std::time::Duration) -> Option<(String, Vec<u8>, bool)> {
+        tokio::time::timeout(limit, self.received.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Disconnects cleanly, after what was published has gone out.
+    pub async fn disconnect(self) {
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.task).await;
+    }
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: std::time::Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }

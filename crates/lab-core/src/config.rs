@@ -68,3 +68,12 @@ pub enum Switch {
     On,
     Off,
 }
+
+/// A lab's settings as the environment and the defaults give them, for
+/// programs that run a lab's parts without parsing a command line
+/// (`lab bench`, `lab chaos`).
+pub fn from_env<T: Args>() -> T {
+    use clap::Command;
+    let matches = T::augment_args(Command::new("lab")).get_matches_from(["lab"]);
+    T::from_arg_matches(&matches).expect("defaults and the environment make valid settings")
+}

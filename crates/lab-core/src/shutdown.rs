@@ -79,6 +79,10 @@ pub async fn supervise(
     let all_done = async {
         let mut first_error = None;
         while let Some(joined) = running.join_next().await {
+            if joined.is_err() {
+                // A panic skipped the task's own cancel: stop the rest too.
+                shutdown.cancel();
+            }
             let result = joined.context("a task panicked").and_then(|r| r);
             if let Err(err) = result {
                 first_error.get_or_insert(err);

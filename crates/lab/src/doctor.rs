@@ -29,6 +29,10 @@ pub struct Doctor {
     caching: caching::Settings,
     #[command(flatten)]
     outbox: outbox::Settings,
+    #[command(flatten)]
+    chat: chat::Settings,
+    #[command(flatten)]
+    telemetry: telemetry::Settings,
 }
 
 /// How to start each backing service: with compose, or natively (the
@@ -109,6 +113,22 @@ pub async fn run(doctor: Doctor) -> anyhow::Result<()> {
     ] {
         check_port(&mut report, what, addr, variable, Probe::Http).await;
     }
+    check_port(
+        &mut report,
+        "chat",
+        &doctor.chat.http_addr,
+        "CHAT_HTTP_ADDR",
+        Probe::Http,
+    )
+    .await;
+    check_port(
+        &mut report,
+        "telemetry",
+        &doctor.telemetry.http_addr,
+        "TELEMETRY_HTTP_ADDR",
+        Probe::Http,
+    )
+    .await;
 
     match report.problems {
         0 => {

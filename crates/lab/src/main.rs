@@ -4,11 +4,13 @@
 //! - `lab bench <lab>` measures a running lab and prints ratios side by side.
 //! - `lab chaos <lab>` breaks something on purpose and counts what survived.
 //! - `lab doctor` checks what a lab needs and says what to fix.
+//! - `lab sim devices` runs a fleet of simulated thermostats.
 
 mod bench;
 mod chaos;
 mod doctor;
 mod scratch;
+mod sim;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +41,9 @@ enum Command {
     Chaos(chaos::Chaos),
     /// Check the backing services and the lab ports, and say what to fix.
     Doctor(doctor::Doctor),
+    /// Drive a lab with simulated clients.
+    #[command(subcommand)]
+    Sim(sim::Sim),
 }
 
 #[tokio::main]
@@ -58,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(bench) => bench.run().await,
         Command::Chaos(chaos) => chaos.run().await,
         Command::Doctor(doctor) => doctor::run(doctor).await,
+        Command::Sim(sim) => sim.run().await,
     }
 }
 

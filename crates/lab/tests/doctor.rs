@@ -33,6 +33,8 @@ fn free_lab_ports() -> Vec<(&'static str, String)> {
         ("OUTBOX_HTTP_ADDR", format!("127.0.0.1:{}", free_port())),
         ("OUTBOX_RELAY_ADDR", format!("127.0.0.1:{}", free_port())),
         ("OUTBOX_CONSUMER_ADDR", format!("127.0.0.1:{}", free_port())),
+        ("CHAT_HTTP_ADDR", format!("127.0.0.1:{}", free_port())),
+        ("TELEMETRY_HTTP_ADDR", format!("127.0.0.1:{}", free_port())),
     ]
 }
 

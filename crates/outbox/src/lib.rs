@@ -123,16 +123,9 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The settings as the environment and the defaults give them, for
-    /// programs that run the lab's parts without parsing a command line.
+    /// The settings as the environment and the defaults give them.
     pub fn from_env() -> Self {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Only {
-            #[command(flatten)]
-            settings: Settings,
-        }
-        Only::parse_from(["outbox"]).settings
+        lab_core::config::from_env()
     }
 }
 

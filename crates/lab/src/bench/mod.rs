@@ -9,7 +9,9 @@
 
 mod caching;
 mod catalog;
+mod chat;
 mod outbox;
+mod telemetry;
 
 use std::{
     future::Future,
@@ -33,6 +35,10 @@ pub enum Bench {
     Caching(caching::Args),
     /// Relay throughput and commit-to-consumer latency, next to raw RabbitMQ confirms.
     Outbox(outbox::Args),
+    /// WebSocket fan-out on one instance and on two through Redis, next to bare pub/sub.
+    Chat(chat::Args),
+    /// MQTT ingest at QoS 0 and 1, next to a bare subscriber on the same stream.
+    Telemetry(telemetry::Args),
 }
 
 impl Bench {
@@ -41,6 +47,8 @@ impl Bench {
             Bench::Catalog(args) => catalog::run(args).await,
             Bench::Caching(args) => caching::run(args).await,
             Bench::Outbox(args) => outbox::run(args).await,
+            Bench::Chat(args) => chat::run(args).await,
+            Bench::Telemetry(args) => telemetry::run(args).await,
         }
     }
 }
@@ -248,11 +256,60 @@ fn micros(us: u64) -> String {
     }
 }
 
+/// Prints `report` as JSON with `--json`, otherwise as the bench's table.
+pub fn emit<T: Serialize>(json: bool, report: &T, table: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        table(report);
+    }
+    Ok(())
+}
+
 /// A progress bar over the cells of a bench, on stderr so `--json` stays clean.
 pub fn progress(cells: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(cells);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} cells  {elapsed}  {msg}")
+            .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Waits until a service under measurement answers `/readyz` with 200.
+pub async fn wait_ready(base: &str) -> anyhow::Result<()> {
+    for _ in 0..300 {
+        if let Ok(response) = reqwest::get(format!("{base}/readyz")).await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = reqwest::get(format!("{base}/readyz")).await?.text().await?;
+    anyhow::bail!("{base} was not ready within 15 s: {body}")
+}
+
+/// One unlabelled value from a service's `/metrics`.
+pub async fn metric(base: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A progress bar for benches that go through phases (connecting,
+/// publishing, draining), each with its own length; on stderr.
+pub fn phase_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:<32} {bar:30} {pos}/{len}  {elapsed}")
             .expect("valid template"),
     );
     bar.enable_steady_tick(Duration::from_millis(200));

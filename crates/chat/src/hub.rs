@@ -1,0 +1,224 @@
+//! The connections on this instance, by room, and the fan-out to them.
+//!
+//! Fan-out never waits for a client. Each connection has a bounded queue
+//! that its own writer task drains; the hub only ever `try_send`s into it.
+//! A client that stops reading fills its queue, and the next delivery finds
+//! it full: that connection is stopped with 1008 and dropped from the room,
+//! and the delivery moves on. The alternative, awaiting each send, lets one
+//! slow phone stall a room of a thousand; an unbounded queue lets it grow
+//! the server's memory until the process dies.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc;
+
+use crate::connection::Stop;
+
+/// One frame on its way to the connections of a room. Cloning is cheap:
+/// the frame is serialised once and its bytes shared.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub frame: Utf8Bytes,
+    /// For a `joined` event, the connection that joined: a joining
+    /// connection waits for its own (see `connection`).
+    pub joined: Option<Arc<str>>,
+    /// Whether a connection still waiting for its welcome keeps this frame
+    /// for after it (a notice, a local message), rather than dropping it
+    /// as already covered by the welcome (a bus event, a presence change).
+    pub keep_for_late_joiners: bool,
+}
+
+impl Outbound {
+    /// A frame from the Redis bus, or about presence: the welcome covers it.
+    pub fn event(frame: Utf8Bytes) -> Self {
+        Self {
+            frame,
+            joined: None,
+            keep_for_late_joiners: false,
+        }
+    }
+
+    /// A frame the welcome does not contain.
+    pub fn notice(frame: Utf8Bytes) -> Self {
+        Self {
+            frame,
+            joined: None,
+            keep_for_late_joiners: true,
+        }
+    }
+}
+
+struct Member {
+    name: Arc<str>,
+    queue: mpsc::Sender<Outbound>,
+    stop: Arc<Stop>,
+}
+
+/// What fan-out did with one frame.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub queued: u64,
+    /// Connections stopped because their queue was full.
+    pub kicked: u64,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    rooms: Mutex<HashMap<String, HashMap<Arc<str>, Member>>>,
+}
+
+impl Hub {
+    pub fn add(
+        &self,
+        room: &str,
+        conn: Arc<str>,
+        name: Arc<str>,
+        queue: mpsc::Sender<Outbound>,
+        stop: Arc<Stop>,
+    ) {
+        let member = Member { name, queue, stop };
+        self.lock()
+            .entry(room.to_owned())
+            .or_default()
+            .insert(conn, member);
+    }
+
+    /// Takes a connection out of its room; false if it was not there (the
+    /// hub already dropped it as too slow).
+    pub fn remove(&self, room: &str, conn: &str) -> bool {
+        let mut rooms = self.lock();
+        let Some(members) = rooms.get_mut(room) else {
+            return false;
+        };
+        let removed = members.remove(conn).is_some();
+        if members.is_empty() {
+            rooms.remove(room);
+        }
+        removed
+    }
+
+    /// Queues `out` for every connection in `room` on this instance.
+    pub fn deliver(&self, room: &str, out: &Outbound) -> Delivery {
+        let mut rooms = self.lock();
+        let Some(members) = rooms.get_mut(room) else {
+            return Delivery::default();
+        };
+        let delivery = offer(members, out);
+        if members.is_empty() {
+            rooms.remove(room);
+        }
+        delivery
+    }
+
+    /// Queues `out` for every connection on this instance, in every room.
+    pub fn broadcast(&self, out: &Outbound) -> Delivery {
+        let mut rooms = self.lock();
+        let mut total = Delivery::default();
+        for members in rooms.values_mut() {
+            let d = offer(members, out);
+            total.queued += d.queued;
+            total.kicked += d.kicked;
+        }
+        rooms.retain(|_, members| !members.is_empty());
+        total
+    }
+
+    /// The distinct names in a room on this instance, sorted.
+    pub fn members(&self, room: &str) -> Vec<String> {
+        let rooms = self.lock();
+        let names: BTreeSet<String> = rooms
+            .get(room)
+            .map(|m| m.values().map(|m| m.name.to_string()).collect())
+            .unwrap_or_default();
+        names.into_iter().collect()
+    }
+
+    /// Every connection, as `(name, connection id)` by room: what this
+    /// instance must keep present in Redis.
+    pub fn presence(&self) -> Vec<(String, Vec<(String, String)>)> {
+        self.lock()
+            .iter()
+            .map(|(room, members)| {
+                let entries = members
+                    .iter()
+                    .map(|(conn, m)| (m.name.to_string(), conn.to_string()))
+                    .collect();
+                (room.clone(), entries)
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<Arc<str>, Member>>> {
+        self.rooms.lock().expect("hub lock poisoned")
+    }
+}
+
+fn offer(members: &mut HashMap<Arc<str>, Member>, out: &Outbound) -> Delivery {
+    let mut delivery = Delivery::default();
+    members.retain(|_, member| match member.queue.try_send(out.clone()) {
+        Ok(()) => {
+            delivery.queued += 1;
+            true
+        }
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            member
+                .stop
+                .close(1008, "too slow: the outbound queue is full");
+            delivery.kicked += 1;
+            false
+        }
+        // The connection is on its way out and removes itself.
+        Err(mpsc::error::TrySendError::Closed(_)) => true,
+    });
+    delivery
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_stops_only_its_own_connection() {
+        let hub = Hub::default();
+        let (slow_tx, _slow_rx) = mpsc::channel(2);
+        let (fast_tx, mut fast_rx) = mpsc::channel(100);
+        let slow_stop = Arc::new(Stop::default());
+        hub.add("r", "slow".into(), "s".into(), slow_tx, slow_stop.clone());
+        hub.add("r", "fast".into(), "f".into(), fast_tx, Arc::default());
+
+        let out = Outbound::event("x".into());
+        let deliveries: Vec<Delivery> = (0..5).map(|_| hub.deliver("r", &out)).collect();
+        assert_eq!(
+            deliveries[1],
+            Delivery {
+                queued: 2,
+                kicked: 0
+            }
+        );
+        assert_eq!(
+            deliveries[2],
+            Delivery {
+                queued: 1,
+                kicked: 1
+            }
+        );
+        assert_eq!(
+            deliveries[4],
+            Delivery {
+                queued: 1,
+                kicked: 0
+            }
+        );
+        assert_eq!(slow_stop.reason().map(|r| r.0), Some(1008));
+        assert_eq!(hub.members("r"), vec!["f".to_owned()]);
+        let mut got = 0;
+        while fast_rx.try_recv().is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 5);
+    }
+}

@@ -1,0 +1,529 @@
+//! # Chat: WebSockets, rooms, and fan-out across instances
+//!
+//! HTTP asks and answers; a WebSocket stays open and both sides talk. That
+//! buys a server that can push, and costs state: every connection is a
+//! member of a room, holds memory, and must be looked after when the
+//! client is slow, silent, or gone.
+//!
+//! - [`connection`]: one socket — reader, writer, rate limit, pings, the
+//!   idle timeout, close codes.
+//! - [`hub`]: the connections on this instance, by room, and the fan-out
+//!   that never waits for a slow client.
+//! - [`bus`]: events travel through Redis pub/sub, so members on two
+//!   instances share a room; when Redis is down the instance keeps serving
+//!   its own members.
+//! - [`store`]: history (a capped Redis Stream per room), presence (a
+//!   sorted set per room), and the Lua scripts that change them atomically.
+//! - [`protocol`]: the JSON frames.
+//!
+//! Try it: `cargo run -p lab -- up --only chat`, then open
+//! <http://localhost:8083/> or `websocat 'ws://localhost:8083/ws?room=lobby&name=ada'`.
+
+pub mod bus;
+pub mod connection;
+pub mod hub;
+pub mod protocol;
+pub mod store;
+
+use std::{
+    num::NonZeroU32,
+    ops::Deref,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use anyhow::ensure;
+use axum::{
+    Router,
+    extract::{Path, State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection},
+    http::header,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use lab_core::{
+    ApiError, Json, Query,
+    http::{Dependency, bind},
+    metrics::Metrics,
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+};
+use serde::{Deserialize, Serialize};
+use tokio::{net::TcpListener, sync::Notify};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{hub::Hub, store::Store};
+
+/// The chat lab's own settings; the Redis URL is shared with other labs and
+/// lives in [`lab_core::config`].
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "chat_settings")]
+pub struct Settings {
+    /// HTTP (and WebSocket) listen address.
+    #[arg(
+        id = "chat_http_addr",
+        value_name = "ADDR",
+        long = "chat-http-addr",
+        env = "CHAT_HTTP_ADDR",
+        default_value = "0.0.0.0:8083"
+    )]
+    pub http_addr: String,
+    /// This instance's name, shown in each welcome (compose runs chat-1 and chat-2).
+    #[arg(
+        id = "chat_instance",
+        long = "chat-instance",
+        env = "CHAT_INSTANCE",
+        default_value = "chat"
+    )]
+    pub instance: String,
+    /// Prepended to every Redis key and channel, so several labs or tests share one Redis.
+    #[arg(
+        id = "chat_key_prefix",
+        long = "chat-key-prefix",
+        env = "CHAT_KEY_PREFIX",
+        default_value = "lab:chat:"
+    )]
+    pub key_prefix: String,
+    /// Messages kept per room (the stream is trimmed to about this many).
+    #[arg(
+        id = "chat_history_len",
+        long = "chat-history-len",
+        env = "CHAT_HISTORY_LEN",
+        default_value_t = 1000
+    )]
+    pub history_len: usize,
+    /// Messages a connection may send per second, on average.
+    #[arg(
+        id = "chat_rate_per_sec",
+        long = "chat-rate-per-sec",
+        env = "CHAT_RATE_PER_SEC",
+        default_value = "10"
+    )]
+    pub rate_per_sec: NonZeroU32,
+    /// Messages a connection may send at once before the rate applies.
+    #[arg(
+        id = "chat_rate_burst",
+        long = "chat-rate-burst",
+        env = "CHAT_RATE_BURST",
+        default_value = "20"
+    )]
+    pub rate_burst: NonZeroU32,
+    /// Frames waiting for one client; a client whose queue is full is disconnected (1008).
+    #[arg(
+        id = "chat_outbound_queue",
+        long = "chat-outbound-queue",
+        env = "CHAT_OUTBOUND_QUEUE",
+        default_value_t = 256
+    )]
+    pub outbound_queue: usize,
+    /// How often the server pings each client.
+    #[arg(
+        id = "chat_ping_interval_ms",
+        long = "chat-ping-interval-ms",
+        env = "CHAT_PING_INTERVAL_MS",
+        default_value_t = 20_000
+    )]
+    pub ping_interval_ms: u64,
+    /// A client silent this long (not even a pong) is disconnected, and a
+    /// member whose instance died leaves presence within it.
+    #[arg(
+        id = "chat_idle_timeout_ms",
+        long = "chat-idle-timeout-ms",
+        env = "CHAT_IDLE_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub idle_timeout_ms: u64,
+}
+
+impl Settings {
+    /// How often an instance sweeps out presence entries nobody refreshes.
+    pub fn sweep_interval(&self) -> Duration {
+        Duration::from_millis((self.ping_interval_ms / 2).max(50))
+    }
+
+    /// How long a presence entry lives unless refreshed: an entry whose
+    /// instance died is gone (swept) within the idle timeout.
+    fn presence_ttl_ms(&self) -> u64 {
+        self.idle_timeout_ms
+            .saturating_sub(self.sweep_interval().as_millis() as u64)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.presence_ttl_ms() > self.ping_interval_ms,
+            "CHAT_IDLE_TIMEOUT_MS ({}) must be more than 1.5 × CHAT_PING_INTERVAL_MS ({}): \
+             presence is refreshed at every ping and must outlive the gap",
+            self.idle_timeout_ms,
+            self.ping_interval_ms
+        );
+        ensure!(
+            self.outbound_queue > 0,
+            "CHAT_OUTBOUND_QUEUE must be at least 1"
+        );
+        protocol::check_name("CHAT_INSTANCE", &self.instance).map_err(anyhow::Error::msg)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub redis_url: String,
+    pub settings: Settings,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabel {
+    path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: String,
+}
+
+/// The chat's Prometheus metrics.
+pub(crate) struct Stats {
+    pub connections: Gauge,
+    pub redis_up: Gauge,
+    said: Family<PathLabel, Counter>,
+    deliveries: Counter,
+    slow_disconnects: Counter,
+    rejected: Family<CodeLabel, Counter>,
+}
+
+impl Stats {
+    fn new(metrics: &Metrics) -> Self {
+        let stats = Self {
+            connections: Gauge::default(),
+            redis_up: Gauge::default(),
+            said: Family::default(),
+            deliveries: Counter::default(),
+            slow_disconnects: Counter::default(),
+            rejected: Family::default(),
+        };
+        metrics.register(
+            "connections",
+            "Open WebSocket connections on this instance",
+            stats.connections.clone(),
+        );
+        metrics.register(
+            "redis_up",
+            "Whether the Redis pub/sub bus is subscribed (1) or this instance is on its own (0)",
+            stats.redis_up.clone(),
+        );
+        metrics.register(
+            "messages_said",
+            "Messages accepted, by path: redis (every instance) or local (Redis down)",
+            stats.said.clone(),
+        );
+        metrics.register(
+            "deliveries",
+            "Frames queued for a connection by fan-out",
+            stats.deliveries.clone(),
+        );
+        metrics.register(
+            "slow_disconnects",
+            "Connections closed with 1008 because their outbound queue was full",
+            stats.slow_disconnects.clone(),
+        );
+        metrics.register(
+            "frames_rejected",
+            "Client frames answered with an error frame, by code",
+            stats.rejected.clone(),
+        );
+        stats
+    }
+
+    pub fn said(&self, path: &str) {
+        self.said
+            .get_or_create(&PathLabel { path: path.into() })
+            .inc();
+    }
+
+    pub fn rejected(&self, code: &str) {
+        self.rejected
+            .get_or_create(&CodeLabel { code: code.into() })
+            .inc();
+    }
+
+    pub fn delivered(&self, delivery: hub::Delivery) {
+        self.deliveries.inc_by(delivery.queued);
+        self.slow_disconnects.inc_by(delivery.kicked);
+    }
+}
+
+/// One chat instance: its settings, its connections, its view of Redis.
+#[derive(Clone)]
+pub struct App(Arc<Inner>);
+
+pub struct Inner {
+    settings: Settings,
+    hub: Hub,
+    store: Store,
+    redis_client: redis::Client,
+    redis_place: String,
+    /// True while the pub/sub subscription is up; false means local-only.
+    redis_up: AtomicBool,
+    /// Woken when Redis comes back, to write presence again at once.
+    presence_lost: Notify,
+    /// Held while this instance changes its presence in Redis (a join, a
+    /// leave, the periodic refresh), so they never interleave.
+    presence: tokio::sync::Mutex<()>,
+    stats: Stats,
+    /// Every open WebSocket connection, so shutdown can wait for them.
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Deref for App {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl App {
+    fn new(
+        redis_url: &str,
+        settings: Settings,
+        metrics: &Metrics,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let redis = lab_core::redis::connect(redis_url)?;
+        let store = Store::new(
+            redis,
+            &settings.key_prefix,
+            settings.presence_ttl_ms(),
+            settings.history_len,
+        );
+        Ok(Self(Arc::new(Inner {
+            hub: Hub::default(),
+            store,
+            redis_client: lab_core::redis::client(redis_url)?,
+            redis_place: lab_core::redis::where_is(redis_url),
+            redis_up: AtomicBool::new(false),
+            presence_lost: Notify::new(),
+            presence: tokio::sync::Mutex::new(()),
+            stats: Stats::new(metrics),
+            tracker: TaskTracker::new(),
+            shutdown,
+            settings,
+        })))
+    }
+
+    fn redis_error(&self, err: &redis::RedisError) -> ApiError {
+        if lab_core::redis::is_unavailable(err) {
+            ApiError::unavailable(lab_core::redis::describe(&self.redis_place, err))
+        } else {
+            tracing::error!(%err, "redis command failed");
+            ApiError::internal()
+        }
+    }
+}
+
+pub fn routes(app: App) -> Router {
+    Router::new()
+        .route("/", get(page::index))
+        .route("/chat.js", get(page::script))
+        .route("/chat.css", get(page::style))
+        .route("/ws", get(join))
+        .route("/rooms", get(rooms))
+        .route("/rooms/{room}/messages", get(history))
+        .with_state(app)
+}
+
+#[derive(Deserialize)]
+struct JoinParams {
+    room: Option<String>,
+    name: Option<String>,
+}
+
+/// `GET /ws?room=…&name=…`: checks the names, then upgrades. A bad name is
+/// a 400 here, before the upgrade, where the client can still read why.
+async fn join(
+    State(app): State<App>,
+    Query(params): Query<JoinParams>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    if app.shutdown.is_cancelled() {
+        return Err(ApiError::unavailable("shutting down; connect again"));
+    }
+    let room = params.room.unwrap_or_default();
+    let name = params.name.unwrap_or_default();
+    protocol::check_name("room", &room).map_err(ApiError::malformed)?;
+    protocol::check_name("name", &name).map_err(ApiError::malformed)?;
+    let upgrade = upgrade.map_err(|rejection| {
+        ApiError::new(rejection.status(), "not_websocket", rejection.body_text())
+    })?;
+    let token = app.tracker.token();
+    Ok(connection::limits(upgrade)
+        .on_upgrade(move |socket| async move {
+            connection::serve(socket, app, room, name).await;
+            drop(token);
+        })
+        .into_response())
+}
+
+#[derive(Serialize)]
+struct Rooms {
+    rooms: Vec<store::RoomInfo>,
+}
+
+/// `GET /rooms`: every room and its member count, across all instances.
+async fn rooms(State(app): State<App>) -> Result<Json<Rooms>, ApiError> {
+    let rooms = app.store.rooms().await.map_err(|e| app.redis_error(&e))?;
+    Ok(Json(Rooms { rooms }))
+}
+
+#[derive(Deserialize)]
+struct HistoryParams {
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct History {
+    room: String,
+    messages: Vec<protocol::Message>,
+}
+
+/// `GET /rooms/{room}/messages?limit=`: the newest messages, oldest first.
+async fn history(
+    State(app): State<App>,
+    Path(room): Path<String>,
+    Query(params): Query<HistoryParams>,
+) -> Result<Json<History>, ApiError> {
+    protocol::check_name("room", &room).map_err(ApiError::malformed)?;
+    let limit = params.limit.unwrap_or(protocol::HISTORY_ON_JOIN);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "must be 1–1000"));
+    }
+    let messages = app
+        .store
+        .history(&room, limit)
+        .await
+        .map_err(|e| app.redis_error(&e))?;
+    Ok(Json(History { room, messages }))
+}
+
+/// The chat page: plain HTML, CSS and JavaScript, compiled into the binary.
+mod page {
+    use super::*;
+
+    pub async fn index() -> Response {
+        serve(
+            "text/html; charset=utf-8",
+            include_str!("../static/index.html"),
+        )
+    }
+
+    pub async fn script() -> Response {
+        serve(
+            "text/javascript; charset=utf-8",
+            include_str!("../static/chat.js"),
+        )
+    }
+
+    pub async fn style() -> Response {
+        serve(
+            "text/css; charset=utf-8",
+            include_str!("../static/chat.css"),
+        )
+    }
+
+    fn serve(content_type: &'static str, body: &'static str) -> Response {
+        ([(header::CONTENT_TYPE, content_type)], body).into_response()
+    }
+}
+
+/// Runs one chat instance until `shutdown` fires.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = bind(&config.settings.http_addr, "CHAT_HTTP_ADDR").await?;
+    tracing::info!(
+        http = %listener.local_addr()?,
+        instance = %config.settings.instance,
+        "chat listening"
+    );
+    serve(listener, &config.redis_url, config.settings, shutdown).await
+}
+
+/// Serves on a listener the caller bound (tests bind port 0). On shutdown
+/// every connection is closed with 1001 and leaves its room before this
+/// returns.
+pub async fn serve(
+    listener: TcpListener,
+    redis_url: &str,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    settings.check()?;
+    let metrics = Metrics::new("chat");
+    let app = App::new(redis_url, settings, &metrics, shutdown.clone())?;
+    // Redis answering is not enough: an instance not yet (or no longer)
+    // subscribed to the bus serves its members alone, and a load balancer
+    // should send new members elsewhere until it is back.
+    let bus = {
+        let app = app.clone();
+        Dependency::new("redis pub/sub", move || {
+            let subscribed = app.redis_up.load(std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if subscribed {
+                    Ok(())
+                } else {
+                    Err(
+                        "not subscribed to the rooms' channels: members here hear only each other"
+                            .into(),
+                    )
+                }
+            }
+        })
+    };
+    let dependencies = vec![
+        lab_core::redis::dependency(app.store.redis(), redis_url),
+        bus,
+    ];
+    let router = lab_core::http::service_router(routes(app.clone()), dependencies, metrics);
+
+    // The bus and the presence keeper outlive the connections, so every
+    // `left` is still announced while they close.
+    let bus_stop = CancellationToken::new();
+    // Connections are waited for only once the HTTP server has stopped: an
+    // upgrade still in flight takes its tracker token before that.
+    let http_done = CancellationToken::new();
+    let http = {
+        let (shutdown, http_done) = (shutdown.clone(), http_done.clone());
+        async move {
+            let result = lab_core::http::serve(listener, router, shutdown).await;
+            http_done.cancel();
+            Ok(result?)
+        }
+    };
+    let connections = {
+        let (app, bus_stop) = (app.clone(), bus_stop.clone());
+        async move {
+            http_done.cancelled().await;
+            app.tracker.close();
+            app.tracker.wait().await;
+            bus_stop.cancel();
+            anyhow::Ok(())
+        }
+    };
+    lab_core::shutdown::supervise(
+        &shutdown,
+        vec![
+            ("HTTP server", Box::pin(http)),
+            ("connections", Box::pin(connections)),
+            (
+                "pub/sub bus",
+                Box::pin(bus::subscribe(app.clone(), bus_stop.clone())),
+            ),
+            (
+                "presence",
+                Box::pin(bus::keep_presence(app.clone(), bus_stop)),
+            ),
+        ],
+    )
+    .await?;
+    tracing::info!("chat stopped");
+    Ok(())
+}

@@ -1,0 +1,38 @@
+-- Shared by every chat script (prepended in store.rs).
+-- Presence is a sorted set per room: member "<name>\n<connection id>",
+-- score = when the entry expires (ms). Instances refresh their own entries;
+-- an entry whose instance died expires and is swept.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The distinct names present in a room, sorted.
+local function names(members_key, now)
+  local seen, out = {}, {}
+  for _, entry in ipairs(redis.call('ZRANGEBYSCORE', members_key, now, '+inf')) do
+    local name = string.match(entry, '^([^\n]*)')
+    if not seen[name] then
+      seen[name] = true
+      table.insert(out, name)
+    end
+  end
+  table.sort(out)
+  return out
+end
+
+local function presence(kind, channel, room, name, conn, members)
+  redis.call('PUBLISH', channel, cjson.encode({
+    type = kind, room = room, name = name, conn = conn, members = members }))
+end
+
+-- A room nobody is in any more leaves the room list, and its history
+-- expires unless someone comes back (join.lua clears the expiry): rooms are
+-- created by naming them, so without this they would pile up for ever.
+local function forget_if_empty(members_key, history_key, rooms_key, room, history_ttl_ms)
+  if redis.call('ZCARD', members_key) == 0 then
+    redis.call('SREM', rooms_key, room)
+    redis.call('PEXPIRE', history_key, history_ttl_ms)
+  end
+end

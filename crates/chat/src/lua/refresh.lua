@@ -1,0 +1,12 @@
+-- KEYS: members   ARGV: channel, room, ttl_ms, then name, conn pairs
+-- Pushes this instance's entries forward. An entry that is not there any
+-- more (it expired while refreshes failed, and was swept) comes back, with
+-- a `joined`: the member is still connected here.
+local now = now_ms()
+local expires = now + tonumber(ARGV[3])
+for i = 4, #ARGV, 2 do
+  if redis.call('ZADD', KEYS[1], expires, ARGV[i] .. '\n' .. ARGV[i + 1]) == 1 then
+    presence('joined', ARGV[1], ARGV[2], ARGV[i], ARGV[i + 1], names(KEYS[1], now))
+  end
+end
+return 0

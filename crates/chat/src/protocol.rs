@@ -1,0 +1,306 @@
+//! The wire protocol: JSON text frames, one object each, tagged by `type`.
+//!
+//! A client sends `{"type":"say","text":"…"}`. The server sends `welcome`
+//! once, then `message`, `joined`, `left`, and `error` for a frame it could
+//! not use (the connection stays open: one bad frame is the client's
+//! mistake, not a reason to drop everything else it was doing).
+//!
+//! The same events travel between instances over Redis pub/sub as
+//! [`BusEvent`]s, which carry one field the clients never see: the
+//! connection id of a `joined`, so a joining connection can recognise its
+//! own (see `connection`).
+
+use axum::extract::ws::Utf8Bytes;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// A frame larger than this closes the connection with 1009 (message too big).
+pub const MAX_FRAME_BYTES: usize = 16 * 1024;
+/// The longest `say`, in characters (not bytes: "héllo" is 5).
+pub const MAX_TEXT_CHARS: usize = 2000;
+/// How many past messages a `welcome` carries.
+pub const HISTORY_ON_JOIN: usize = 50;
+
+/// Room and member names: 1–32 letters, digits, `-` or `_`. Narrow on
+/// purpose: they become parts of Redis keys and channel names, and of the
+/// page's DOM, so nothing in them needs escaping anywhere.
+pub fn check_name(field: &str, value: &str) -> Result<(), String> {
+    let ok = (1..=32).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field}: must be 1–32 letters, digits, '-' or '_' (got {value:?})"
+        ))
+    }
+}
+
+/// Why a client frame was refused; sent back as an `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl FrameError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads one text frame from a client: the text of a `say`, or why not.
+pub fn parse_say(frame: &str) -> Result<String, FrameError> {
+    let value: serde_json::Value = serde_json::from_str(frame)
+        .map_err(|err| FrameError::new("invalid_json", format!("not JSON: {err}")))?;
+    let Some(kind) = value.get("type").and_then(|t| t.as_str()) else {
+        return Err(FrameError::new(
+            "invalid_json",
+            r#"expected an object with a "type", like {"type":"say","text":"hi"}"#,
+        ));
+    };
+    if kind != "say" {
+        return Err(FrameError::new(
+            "unknown_type",
+            format!(r#"unknown type {kind:?}; the only one a client sends is "say""#),
+        ));
+    }
+    let Some(text) = value.get("text").and_then(|t| t.as_str()) else {
+        return Err(FrameError::new("invalid_text", "text: must be a string"));
+    };
+    if text.trim().is_empty() {
+        return Err(FrameError::new("empty_text", "text: must not be empty"));
+    }
+    let chars = text.chars().count();
+    if chars > MAX_TEXT_CHARS {
+        return Err(FrameError::new(
+            "text_too_long",
+            format!("text: {chars} characters; at most {MAX_TEXT_CHARS}"),
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// A chat message as clients see it, live and in history alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// The Redis Stream id of the history entry (`<ms>-<seq>`): ordered
+    /// within a room and the same on every instance.
+    pub id: String,
+    pub room: String,
+    pub name: String,
+    pub text: String,
+    /// When Redis stored it (RFC 3339, UTC), read from the id.
+    pub ts: String,
+}
+
+/// Everything the server sends to a client.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerEvent<'a> {
+    Welcome {
+        room: &'a str,
+        name: &'a str,
+        /// Which instance serves this connection: behind the load balancer
+        /// two clients may land on different ones and still talk.
+        instance: &'a str,
+        members: &'a [String],
+        history: &'a [Message],
+    },
+    Message(&'a Message),
+    Joined {
+        room: &'a str,
+        name: &'a str,
+        members: &'a [String],
+    },
+    Left {
+        room: &'a str,
+        name: &'a str,
+        members: &'a [String],
+    },
+    Error {
+        code: &'a str,
+        message: &'a str,
+    },
+    /// Not an error: a change the client may want to show (Redis is back).
+    Notice {
+        code: &'a str,
+        message: &'a str,
+    },
+}
+
+impl ServerEvent<'_> {
+    pub fn frame(&self) -> Utf8Bytes {
+        serde_json::to_string(self)
+            .expect("server events always serialise")
+            .into()
+    }
+}
+
+/// An event as it travels between instances over Redis pub/sub. The Lua
+/// scripts write these with `cjson`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BusEvent {
+    Message {
+        id: String,
+        room: String,
+        name: String,
+        text: String,
+    },
+    Joined {
+        room: String,
+        name: String,
+        conn: String,
+        #[serde(deserialize_with = "list")]
+        members: Vec<String>,
+    },
+    Left {
+        room: String,
+        name: String,
+        conn: String,
+        #[serde(deserialize_with = "list")]
+        members: Vec<String>,
+    },
+}
+
+impl BusEvent {
+    pub fn room(&self) -> &str {
+        match self {
+            BusEvent::Message { room, .. }
+            | BusEvent::Joined { room, .. }
+            | BusEvent::Left { room, .. } => room,
+        }
+    }
+
+    /// The frame clients get for this event.
+    pub fn frame(&self) -> Utf8Bytes {
+        match self {
+            BusEvent::Message {
+                id,
+                room,
+                name,
+                text,
+            } => ServerEvent::Message(&message(id, room, name, text)).frame(),
+            BusEvent::Joined {
+                room,
+                name,
+                members,
+                ..
+            } => ServerEvent::Joined {
+                room,
+                name,
+                members,
+            }
+            .frame(),
+            BusEvent::Left {
+                room,
+                name,
+                members,
+                ..
+            } => ServerEvent::Left {
+                room,
+                name,
+                members,
+            }
+            .frame(),
+        }
+    }
+}
+
+/// Lua's cjson writes an empty table as `{}`: an empty member list arrives
+/// as an object, not an array.
+fn list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrEmpty {
+        List(Vec<String>),
+        Empty(serde::de::IgnoredAny),
+    }
+    Ok(match ListOrEmpty::deserialize(deserializer)? {
+        ListOrEmpty::List(names) => names,
+        ListOrEmpty::Empty(_) => Vec::new(),
+    })
+}
+
+/// A message from its stream id and fields; the timestamp comes from the id.
+pub fn message(id: &str, room: &str, name: &str, text: &str) -> Message {
+    Message {
+        id: id.to_owned(),
+        room: room.to_owned(),
+        name: name.to_owned(),
+        text: text.to_owned(),
+        ts: timestamp(id),
+    }
+}
+
+/// `1763900000123-0` → `2025-11-23T12:13:20.123Z`.
+fn timestamp(id: &str) -> String {
+    let millis = id.split('-').next().and_then(|ms| ms.parse::<i64>().ok());
+    let time = millis
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .unwrap_or_else(chrono::Utc::now);
+    time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_short_and_plain() {
+        for good in ["lobby", "a", "room-1", "Team_B", &"x".repeat(32)] {
+            assert!(check_name("room", good).is_ok(), "{good}");
+        }
+        for bad in ["", &"x".repeat(33), "two words", "a/b", "é", "a*", "a:b"] {
+            assert!(check_name("room", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bad_frames_get_their_own_code() {
+        let code = |frame: &str| parse_say(frame).unwrap_err().code;
+        assert_eq!(code("not json"), "invalid_json");
+        assert_eq!(code("[1,2]"), "invalid_json");
+        assert_eq!(code(r#"{"type":"shout","text":"hi"}"#), "unknown_type");
+        assert_eq!(code(r#"{"type":"say"}"#), "invalid_text");
+        assert_eq!(code(r#"{"type":"say","text":7}"#), "invalid_text");
+        assert_eq!(code(r#"{"type":"say","text":"  "}"#), "empty_text");
+        let long = format!(r#"{{"type":"say","text":"{}"}}"#, "é".repeat(2001));
+        assert_eq!(code(&long), "text_too_long");
+        let max = format!(r#"{{"type":"say","text":"{}"}}"#, "é".repeat(2000));
+        assert_eq!(parse_say(&max).unwrap().chars().count(), 2000);
+    }
+
+    #[test]
+    fn bus_events_read_what_the_scripts_write() {
+        // cjson escapes '/' and writes an empty list as an object.
+        let left: BusEvent = serde_json::from_str(
+            r#"{"type":"left","room":"r","name":"a\/b","conn":"c1","members":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            left,
+            BusEvent::Left {
+                room: "r".into(),
+                name: "a/b".into(),
+                conn: "c1".into(),
+                members: vec![]
+            }
+        );
+        let said: BusEvent = serde_json::from_str(
+            r#"{"type":"message","id":"1763900000123-4","room":"r","name":"ada","text":"hi"}"#,
+        )
+        .unwrap();
+        let frame: serde_json::Value = serde_json::from_str(&said.frame()).unwrap();
+        assert_eq!(
+            frame,
+            serde_json::json!({"type":"message","id":"1763900000123-4","room":"r",
+                "name":"ada","text":"hi","ts":"2025-11-23T12:13:20.123Z"})
+        );
+    }
+}

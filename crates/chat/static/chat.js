@@ -1,0 +1,141 @@
+// The chat page: one WebSocket to /ws, reconnecting with backoff when it
+// drops. Everything shown comes from the server's frames: `welcome` (members
+// and recent history), `message`, `joined`/`left` (with the member list),
+// `error` and `notice`.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const seen = new Set(); // message ids already shown: a reconnect's history overlaps
+let socket = null;
+let wanted = null; // {room, name} while the user wants to be in a room
+let retry = 0;
+let retryTimer = null;
+
+function line(className, parts) {
+  const li = document.createElement("li");
+  li.className = className;
+  for (const [cls, text] of parts) {
+    const span = document.createElement("span");
+    if (cls) span.className = cls;
+    span.textContent = text;
+    li.appendChild(span);
+  }
+  const list = $("messages");
+  const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 4;
+  list.appendChild(li);
+  if (atBottom) list.scrollTop = list.scrollHeight;
+  return li;
+}
+
+function showMessage(m) {
+  if (seen.has(m.id)) return;
+  seen.add(m.id);
+  const when = new Date(m.ts).toLocaleTimeString();
+  const li = line("message", [["when", when], ["who", m.name], ["text", m.text]]);
+  li.dataset.id = m.id;
+}
+
+function showMembers(members) {
+  const ul = $("members");
+  ul.replaceChildren(...members.map((name) => {
+    const li = document.createElement("li");
+    li.textContent = name;
+    return li;
+  }));
+}
+
+function status(text, state) {
+  $("status").textContent = text;
+  $("status").className = state || "";
+}
+
+function connected(up) {
+  $("text").disabled = !up;
+  $("send").disabled = !up;
+}
+
+function connect() {
+  const { room, name } = wanted;
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const url = `${scheme}://${location.host}/ws?room=${encodeURIComponent(room)}&name=${encodeURIComponent(name)}`;
+  status(`connecting to ${room}…`);
+  const ws = new WebSocket(url);
+  socket = ws;
+  ws.onmessage = (event) => {
+    const frame = JSON.parse(event.data);
+    switch (frame.type) {
+      case "welcome":
+        retry = 0;
+        connected(true);
+        status(`in ${frame.room} as ${frame.name}, served by ${frame.instance}`, "up");
+        frame.history.forEach(showMessage);
+        showMembers(frame.members);
+        break;
+      case "message":
+        showMessage(frame);
+        break;
+      case "joined":
+        line("system", [[null, `${frame.name} joined`]]);
+        showMembers(frame.members);
+        break;
+      case "left":
+        line("system", [[null, `${frame.name} left`]]);
+        showMembers(frame.members);
+        break;
+      case "error":
+        line("error", [[null, `${frame.code}: ${frame.message}`]]);
+        break;
+      case "notice":
+        line("system", [[null, frame.message]]);
+        break;
+    }
+  };
+  ws.onclose = (event) => {
+    if (socket !== ws) return; // replaced by a newer connection
+    socket = null;
+    connected(false);
+    if (!wanted) {
+      status("not connected");
+      return;
+    }
+    // Back off 0.5 s, 1 s, 2 s … up to 10 s, so a restarting server is not
+    // flooded by every page at once.
+    const delay = Math.min(10000, 500 * 2 ** retry++);
+    const why = event.code ? `closed (${event.code}${event.reason ? ": " + event.reason : ""})` : "closed";
+    status(`${why}; reconnecting in ${(delay / 1000).toFixed(1)} s`, "down");
+    retryTimer = setTimeout(connect, delay);
+  };
+}
+
+function join(room, name) {
+  clearTimeout(retryTimer);
+  wanted = null;
+  if (socket) socket.close(1000, "switching rooms");
+  socket = null;
+  $("messages").replaceChildren();
+  seen.clear();
+  showMembers([]);
+  wanted = { room, name };
+  retry = 0;
+  history.replaceState(null, "", `?room=${encodeURIComponent(room)}&name=${encodeURIComponent(name)}`);
+  connect();
+}
+
+$("join-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  join($("room").value.trim(), $("name").value.trim());
+});
+
+$("say-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = $("text").value;
+  if (!text.trim() || !socket || socket.readyState !== WebSocket.OPEN) return;
+  socket.send(JSON.stringify({ type: "say", text }));
+  $("text").value = "";
+});
+
+// /?room=lobby&name=ada joins at once.
+const params = new URLSearchParams(location.search);
+if (params.get("room")) $("room").value = params.get("room");
+if (params.get("name")) $("name").value = params.get("name");
+if (params.get("room") && params.get("name")) join(params.get("room"), params.get("name"));

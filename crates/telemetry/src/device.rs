@@ -1,0 +1,268 @@
+//! Simulated thermostats: the other end of the lab.
+//!
+//! Each device is its own MQTT 3.1.1 connection, as a real one would be. On
+//! connect it publishes a retained `online` to its status topic, having left
+//! the broker a last will that publishes a retained `offline` for it if it
+//! vanishes without a goodbye. It reports a reading every interval, with a
+//! `seq` that rises by one. A command (`{"command_id","setpoint_c"}`) moves
+//! its setpoint; its readings drift toward it, and it acknowledges on its
+//! acks topic.
+//!
+//! The event loop runs in a task of its own and is never blocked: readings
+//! are published from another task, and anything done in answer to an
+//! incoming packet (a subscription, an ack) is spawned.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use rand::Rng;
+use rumqttc::{AsyncClient, Event, LastWill, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Broker, Topics,
+    payload::{Ack, Command, Reading},
+};
+
+/// One device to simulate.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub id: String,
+    pub qos: QoS,
+    /// Time between readings.
+    pub interval: Duration,
+    /// Stop (and say `offline`) after this many readings; `None` runs until stopped.
+    pub readings: Option<u64>,
+    /// Where the temperature starts.
+    pub temperature_c: f64,
+    /// The first reading's `seq`.
+    pub first_seq: i64,
+}
+
+/// Counters shared by a fleet's devices.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub published: AtomicU64,
+    /// Devices connected right now.
+    pub connected: AtomicU64,
+    pub commands: AtomicU64,
+}
+
+/// How a device ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Says `offline` and disconnects cleanly.
+    Goodbye,
+    /// Drops its connection without a word: the broker publishes its last will.
+    Vanish,
+}
+
+/// A running device; [`Device::stop`] or [`Device::vanish`] ends it.
+pub struct Device {
+    pub id: String,
+    stop: CancellationToken,
+    ending: Arc<Mutex<Ending>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Device {
+    /// Starts a device; it stops when [`Device::stop`] is called or when
+    /// `parent` is cancelled.
+    pub fn start(
+        broker: &Broker,
+        topics: &Topics,
+        spec: Spec,
+        counters: Arc<Counters>,
+        parent: &CancellationToken,
+    ) -> Self {
+        let stop = parent.child_token();
+        let ending = Arc::new(Mutex::new(Ending::Goodbye));
+        let id = spec.id.clone();
+        let task = tokio::spawn(run(
+            broker.clone(),
+            topics.clone(),
+            spec,
+            counters,
+            stop.clone(),
+            ending.clone(),
+        ));
+        Self {
+            id,
+            stop,
+            ending,
+            task,
+        }
+    }
+
+    /// Says `offline`, disconnects, and waits for it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Drops the connection without a DISCONNECT, as a device losing power
+    /// would.
+    pub async fn vanish(self) {
+        *self.ending.lock().expect("ending lock") = Ending::Vanish;
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Waits until the device has ended: after its readings (when it has a
+    /// count), or once stopped.
+    pub async fn finished(self) {
+        let _ = self.task.await;
+    }
+}
+
+async fn run(
+    broker: Broker,
+    topics: Topics,
+    spec: Spec,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+    ending: Arc<Mutex<Ending>>,
+) {
+    let status = topics.status(&spec.id);
+    let mut options = broker.v4_options(&spec.id);
+    options.set_last_will(LastWill::new(&status, "offline", QoS::AtLeastOnce, true));
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    let setpoint = Arc::new(Mutex::new(21.0_f64));
+
+    let poll = {
+        let (client, topics, id, counters) = (
+            client.clone(),
+            topics.clone(),
+            spec.id.clone(),
+            counters.clone(),
+        );
+        let setpoint = setpoint.clone();
+        async move {
+            let mut backoff = Duration::from_millis(100);
+            let mut connected = false;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        backoff = Duration::from_millis(100);
+                        if !connected {
+                            connected = true;
+                            counters.connected.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let (client, status, commands) =
+                            (client.clone(), topics.status(&id), topics.commands(&id));
+                        tokio::spawn(async move {
+                            let _ = client
+                                .publish(status, QoS::AtLeastOnce, true, "online")
+                                .await;
+                            let _ = client.subscribe(commands, QoS::AtLeastOnce).await;
+                        });
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        let Ok(command) = serde_json::from_slice::<Command>(&publish.payload)
+                        else {
+                            tracing::warn!(device = %id, "ignoring a malformed command");
+                            continue;
+                        };
+                        *setpoint.lock().expect("setpoint lock") = command.setpoint_c;
+                        counters.commands.fetch_add(1, Ordering::Relaxed);
+                        let ack = Ack {
+                            command_id: command.command_id,
+                            device_id: id.clone(),
+                            setpoint_c: command.setpoint_c,
+                        };
+                        let (client, topic) = (client.clone(), topics.acks(&id));
+                        tokio::spawn(async move {
+                            let payload = serde_json::to_vec(&ack).expect("acks serialise");
+                            let _ = client
+                                .publish(topic, QoS::AtLeastOnce, false, payload)
+                                .await;
+                        });
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                        if connected {
+                            counters.connected.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        if connected {
+                            connected = false;
+                            counters.connected.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        tracing::debug!(device = %id, %err, "device connection failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    };
+    let poll = tokio::spawn(poll);
+
+    let mut temperature = spec.temperature_c;
+    let mut battery = 100.0_f64;
+    let mut tick = tokio::time::interval(spec.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent = 0u64;
+    loop {
+        if spec.readings.is_some_and(|n| sent >= n) {
+            break;
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => break,
+        }
+        let seq = spec.first_seq + sent as i64;
+        sent += 1;
+        let target = *setpoint.lock().expect("setpoint lock");
+        let noise: f64 = rand::rng().random_range(-0.1..0.1);
+        temperature += (target - temperature) * 0.2 + noise;
+        battery = (battery - 0.01).max(0.0);
+        let reading = Reading {
+            device_id: spec.id.clone(),
+            seq,
+            ts: chrono::Utc::now(),
+            temperature_c: (temperature * 100.0).round() / 100.0,
+            humidity_pct: 40.0 + rand::rng().random_range(-2.0..2.0),
+            battery_pct: (battery * 100.0).round() / 100.0,
+        };
+        let payload = serde_json::to_vec(&reading).expect("readings serialise");
+        if client
+            .publish(topics.telemetry(&spec.id), spec.qos, false, payload)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        counters.published.fetch_add(1, Ordering::Relaxed);
+    }
+
+    let ending = *ending.lock().expect("ending lock");
+    match ending {
+        Ending::Vanish => poll.abort(),
+        Ending::Goodbye => {
+            // A clean DISCONNECT discards the will, so say it ourselves.
+            let _ = client
+                .publish(status, QoS::AtLeastOnce, true, "offline")
+                .await;
+            let _ = client.disconnect().await;
+            // The poll task sends what is queued, then the DISCONNECT.
+            let abort = poll.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), poll)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+    }
+}

@@ -1,0 +1,629 @@
+//! The ingest: MQTT in, Postgres out, acknowledged only after commit.
+//!
+//! Two tasks. The **client** task owns the MQTT event loop and does nothing
+//! else: it hands each incoming publish to the batcher, and anything that
+//! would wait on rumqttc's request channel (a subscription) is spawned, since
+//! that channel is drained by this very loop. The **batcher** collects publishes until it has
+//! `INGEST_BATCH_SIZE` or `INGEST_BATCH_INTERVAL_MS` has passed, writes
+//! them in one transaction, and only then acknowledges them (manual acks).
+//! A crash before the commit leaves them unacknowledged, and the broker
+//! sends them again; the primary key `(device_id, seq)` turns that second
+//! copy into a no-op. At least once in, exactly once stored.
+//!
+//! The session is persistent (clean start off, a session expiry): while the
+//! ingest is away the broker queues its QoS 1 messages. When the broker has
+//! no session for it (first start, or a broker that lost its state), the
+//! subscriptions are gone too. rumqttc reconnects by itself but never
+//! re-subscribes: an ingest can be "connected" and hear nothing. So the
+//! client subscribes on every connection, session or not: subscribing again
+//! is harmless, and a resumed session may hold the subscriptions of another
+//! configuration (seen here: a session kept from a run with a topic prefix
+//! left one instance deaf to the unprefixed topics).
+
+use std::{collections::BTreeMap, time::Duration};
+
+use chrono::{DateTime, Utc};
+use rumqttc::v5::{
+    Event, EventLoop,
+    mqttbytes::{
+        QoS,
+        v5::{Filter, Packet, Publish, SubscribeReasonCode},
+    },
+};
+use sqlx::{Postgres, Transaction};
+use tokio::{sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    App,
+    mqtt::Kind,
+    payload::{Ack, Alert, Reading, parse_status},
+};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The subscriptions: telemetry and acks shared by every ingest instance
+/// (each message goes to one of them), statuses heard by all (retained
+/// messages are not sent to shared subscriptions).
+fn filters(app: &App) -> Vec<Filter> {
+    let group = &app.settings.share_group;
+    let qos = app.settings.qos();
+    vec![
+        Filter::new(
+            format!("$share/{group}/{}", app.topics.every(Kind::Telemetry)),
+            qos,
+        ),
+        Filter::new(
+            format!("$share/{group}/{}", app.topics.every(Kind::Acks)),
+            QoS::AtLeastOnce,
+        ),
+        Filter::new(app.topics.every(Kind::Status), QoS::AtLeastOnce),
+    ]
+}
+
+/// Polls the MQTT event loop until `stop`, then disconnects (the broker
+/// keeps the session, and queues for it, until it expires).
+pub async fn run_client(
+    app: App,
+    mut eventloop: EventLoop,
+    inbox: mpsc::UnboundedSender<Publish>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let event = tokio::select! {
+            event = eventloop.poll() => event,
+            () = stop.cancelled() => break,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(connack))) => {
+                backoff = BACKOFF_MIN;
+                // Ready only once the subscriptions are confirmed (SubAck):
+                // connected and deaf is not ready.
+                app.set_mqtt_up(
+                    false,
+                    Some("connected; waiting for the subscriptions".into()),
+                );
+                tracing::info!(
+                    broker = %app.broker.place(),
+                    session_present = connack.session_present,
+                    "ingest connected"
+                );
+                let session = if connack.session_present {
+                    "resumed"
+                } else {
+                    "new"
+                };
+                app.stats.connected(session);
+                // Not from inside this loop: a full request channel would
+                // wait for the very loop that drains it.
+                let (client, filters) = (app.client.clone(), filters(&app));
+                tokio::spawn(async move {
+                    if let Err(err) = client.subscribe_many(filters).await {
+                        tracing::error!(%err, "cannot subscribe");
+                    }
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                // Never a wait here: this loop is also what delivers the
+                // batcher's acks (rumqttc drains its request channel only
+                // inside `poll`). A loop waiting for the batcher while the
+                // batcher waits for the loop is a deadlock; a bounded inbox
+                // did exactly that here, stalling after ~1,900 of 3,000
+                // queued readings. So the inbox is unbounded, and the broker
+                // bounds it: with manual acks it sends at most `receive
+                // maximum` unacknowledged messages (on a reconnect Mosquitto
+                // sent its whole queue at once, which the inbox absorbs).
+                if inbox.send(publish).is_err() {
+                    break; // the batcher has stopped
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(suback))) => {
+                let refused: Vec<_> = suback
+                    .return_codes
+                    .iter()
+                    .filter(|code| !matches!(code, SubscribeReasonCode::Success(_)))
+                    .collect();
+                if refused.is_empty() {
+                    app.set_mqtt_up(true, None);
+                } else {
+                    let message = format!("the broker refused subscriptions: {refused:?}");
+                    tracing::error!("{message}");
+                    app.set_mqtt_up(false, Some(message));
+                }
+            }
+            Ok(_) => {}
+            Err(err) => {
+                let message = app.broker.describe(&err);
+                if app.mqtt_up() {
+                    tracing::warn!("{message}");
+                }
+                app.set_mqtt_up(false, Some(message));
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stop.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+    if app.mqtt_up() {
+        let _ = app.client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(event) = eventloop.poll().await {
+                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    app.set_mqtt_up(false, Some("stopped".into()));
+    Ok(())
+}
+
+/// Collects publishes into batches and stores them until `stop`; then
+/// stores what is already in the inbox and returns.
+pub async fn run_batcher(
+    app: App,
+    mut inbox: mpsc::UnboundedReceiver<Publish>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let size = app.settings.batch_size.max(1);
+    let interval = Duration::from_millis(app.settings.batch_interval_ms);
+    loop {
+        let first = tokio::select! {
+            first = inbox.recv() => first,
+            () = stop.cancelled() => None,
+        };
+        let Some(first) = first else { break };
+        let mut batch = vec![first];
+        let deadline = Instant::now() + interval;
+        while batch.len() < size {
+            tokio::select! {
+                next = inbox.recv() => match next {
+                    Some(next) => batch.push(next),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(deadline) => break,
+                () = stop.cancelled() => break,
+            }
+        }
+        app.store(batch, &stop).await;
+    }
+    // Shutdown: what already arrived is stored and acknowledged.
+    let mut rest = Vec::new();
+    while let Ok(publish) = inbox.try_recv() {
+        rest.push(publish);
+    }
+    if !rest.is_empty() {
+        app.store(rest, &CancellationToken::new()).await;
+    }
+    Ok(())
+}
+
+/// One batch, decoded.
+#[derive(Default)]
+struct Decoded {
+    readings: Vec<Reading>,
+    /// Readings that passed the checks, before copies within the batch were
+    /// dropped.
+    accepted: usize,
+    /// The newest status per device in the batch.
+    statuses: BTreeMap<String, bool>,
+    acks: Vec<Ack>,
+    rejects: Vec<(String, String, String)>,
+}
+
+fn decode(app: &App, batch: &[Publish]) -> Decoded {
+    let mut decoded = Decoded::default();
+    for publish in batch {
+        let topic = String::from_utf8_lossy(&publish.topic);
+        let payload = &publish.payload[..];
+        let result = match app.topics.parse(&topic) {
+            Some((device, Kind::Telemetry)) => {
+                app.stats.received("telemetry");
+                Reading::parse(device, payload).map(|r| decoded.readings.push(r))
+            }
+            Some((device, Kind::Status)) => {
+                app.stats.received("status");
+                parse_status(payload).map(|online| {
+                    decoded.statuses.insert(device.to_owned(), online);
+                })
+            }
+            Some((device, Kind::Acks)) => {
+                app.stats.received("ack");
+                serde_json::from_slice::<Ack>(payload)
+                    .map_err(|err| format!("malformed ack: {err}"))
+                    .and_then(|ack| {
+                        if ack.device_id == device {
+                            decoded.acks.push(ack);
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "ack from {:?} on {device:?}'s topic",
+                                ack.device_id
+                            ))
+                        }
+                    })
+            }
+            _ => Err("not a topic the ingest reads".to_owned()),
+        };
+        if let Err(reason) = result {
+            app.stats.rejected.inc();
+            decoded.rejects.push((
+                printable(topic.as_bytes()),
+                printable(payload),
+                printable(reason.as_bytes()),
+            ));
+        }
+    }
+    decoded.accepted = decoded.readings.len();
+    decoded
+        .readings
+        .sort_by(|a, b| (&a.device_id, a.seq).cmp(&(&b.device_id, b.seq)));
+    decoded
+        .readings
+        .dedup_by(|a, b| a.device_id == b.device_id && a.seq == b.seq);
+    decoded
+}
+
+/// Kept readable and bounded (a reject table is for people), and without
+/// NUL, which Postgres refuses in text: one such payload would otherwise
+/// fail its batch on every redelivery, and stop the ingest.
+fn printable(bytes: &[u8]) -> String {
+    let mut text = String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}");
+    if text.len() > 4096 {
+        let cut = (0..=4096)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text.truncate(cut);
+    }
+    text
+}
+
+impl App {
+    /// Stores a batch (retrying while Postgres is down), then acknowledges
+    /// it to the broker, then publishes the alerts it raised.
+    async fn store(&self, batch: Vec<Publish>, stop: &CancellationToken) {
+        let decoded = decode(self, &batch);
+        let mut backoff = BACKOFF_MIN;
+        let (stored, alerts) = loop {
+            match self.write(&decoded).await {
+                Ok(written) => break written,
+                Err(err) => {
+                    if lab_core::postgres::is_unavailable(&err) {
+                        tracing::warn!("{}", lab_core::postgres::describe(&self.pool, &err));
+                    } else {
+                        tracing::error!(%err, "storing a batch failed; retrying");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        // Unacknowledged: the broker sends it again later.
+                        () = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        };
+        self.stats.batches.inc();
+        self.stats.stored.inc_by(stored);
+        self.stats
+            .duplicates
+            .inc_by(decoded.accepted as u64 - stored);
+        for publish in &batch {
+            if publish.qos != QoS::AtMostOnce
+                && let Err(err) = self.client.ack(publish).await
+            {
+                tracing::warn!(%err, "cannot acknowledge; the broker will send it again");
+            }
+        }
+        for alert in alerts {
+            self.stats.alerts.inc();
+            tracing::info!(device = %alert.device_id, seq = alert.seq, "alert");
+            let payload = serde_json::to_vec(&alert).expect("alerts serialise");
+            let topic = self.topics.alert(&alert.device_id);
+            if let Err(err) = self
+                .client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+            {
+                tracing::warn!(%err, "alert stored but not published");
+            }
+        }
+    }
+
+    /// Writes one batch, and the alerts it completes, in one transaction;
+    /// returns how many readings were new (the rest were redeliveries) and
+    /// the alerts raised. Alerts in the same transaction: were they judged
+    /// after the acks, a crash in between would lose them for good.
+    async fn write(&self, d: &Decoded) -> Result<(u64, Vec<Alert>), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let stored = insert_readings(&mut tx, &d.readings).await?;
+        update_devices(&mut tx, &d.readings, &d.statuses).await?;
+        if !d.rejects.is_empty() {
+            let (topics, payloads, reasons): (Vec<_>, Vec<_>, Vec<_>) =
+                d.rejects.iter().cloned().fold(
+                    (vec![], vec![], vec![]),
+                    |(mut t, mut p, mut r), (a, b, c)| {
+                        t.push(a);
+                        p.push(b);
+                        r.push(c);
+                        (t, p, r)
+                    },
+                );
+            sqlx::query(
+                "INSERT INTO rejects (topic, payload, reason) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[])",
+            )
+            .bind(topics)
+            .bind(payloads)
+            .bind(reasons)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !d.acks.is_empty() {
+            let ids: Vec<uuid::Uuid> = d.acks.iter().map(|a| a.command_id).collect();
+            sqlx::query(
+                "UPDATE commands SET status = 'acknowledged', acked_at = now() \
+                 WHERE id = ANY($1) AND status = 'pending'",
+            )
+            .bind(ids)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let alerts = self.raise_alerts(&mut tx, &d.readings).await?;
+        tx.commit().await?;
+        Ok((stored, alerts))
+    }
+
+    /// Raises an alert where `ALERT_CONSECUTIVE` readings in a row (by seq)
+    /// are above `ALERT_THRESHOLD_C`. With two instances a device's readings
+    /// are split between them and may be stored out of order, so the run is
+    /// judged from the table, under a per-device advisory lock (held to the
+    /// commit, so the other instance's evaluation sees these readings), not
+    /// from what one instance happened to see.
+    async fn raise_alerts(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        readings: &[Reading],
+    ) -> Result<Vec<Alert>, sqlx::Error> {
+        let threshold = self.settings.alert_threshold_c;
+        let run = i64::from(self.settings.alert_consecutive.max(1));
+        // Devices with a high reading in this batch, with the seqs to look
+        // around (seqs are at most MAX_SEQ, so this cannot overflow).
+        let mut hot: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+        for r in readings.iter().filter(|r| r.temperature_c > threshold) {
+            let span = hot.entry(&r.device_id).or_insert((r.seq, r.seq));
+            span.0 = span.0.min(r.seq);
+            span.1 = span.1.max(r.seq);
+        }
+        let mut raised = Vec::new();
+        for (device, (low, high)) in hot {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('telemetry-alert:' || $1))")
+                .bind(device)
+                .execute(&mut **tx)
+                .await?;
+            let from = low - run;
+            let window: Vec<(i64, f64, DateTime<Utc>)> = sqlx::query_as(
+                "SELECT seq, temperature_c, ts FROM readings \
+                 WHERE device_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq",
+            )
+            .bind(device)
+            .bind(from)
+            .bind(high + run)
+            .fetch_all(&mut **tx)
+            .await?;
+            for (end, block) in completed_runs(&window, from, threshold, run) {
+                let (seq, temperature_c, ts) = window[end];
+                // One alert per run of high readings, wherever in the run an
+                // earlier evaluation (out of order) placed it.
+                let inserted: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO alerts (device_id, seq, temperature_c, threshold_c, readings, ts) \
+                     SELECT $1, $2, $3, $4, $5, $6 \
+                     WHERE NOT EXISTS (SELECT 1 FROM alerts WHERE device_id = $1 \
+                                       AND seq BETWEEN $7 AND $8) \
+                     ON CONFLICT (device_id, seq) DO NOTHING RETURNING id",
+                )
+                .bind(device)
+                .bind(seq)
+                .bind(temperature_c)
+                .bind(threshold)
+                .bind(run as i32)
+                .bind(ts)
+                .bind(block.0)
+                .bind(block.1)
+                .fetch_optional(&mut **tx)
+                .await?;
+                if inserted.is_some() {
+                    raised.push(Alert {
+                        device_id: device.to_owned(),
+                        seq,
+                        temperature_c,
+                        threshold_c: threshold,
+                        readings: run as i32,
+                        ts,
+                    });
+                }
+            }
+        }
+        Ok(raised)
+    }
+}
+
+/// Where, in `window` (one device's readings from seq `from`, by seq), a
+/// run of exactly `run` consecutive seqs above `threshold` is completed:
+/// readings `end-run+1..=end` are all there and high, and the one before
+/// them is not high, or not there. Each comes with the seqs of its whole
+/// block of consecutive high readings, as far as the window shows it.
+///
+/// A block that begins at the window's first seq may begin earlier: its
+/// predecessor was not fetched. Its run was judged when the reading that
+/// completed it was stored, so it is skipped here; without that, a device
+/// that stays hot would raise an alert every `run` readings.
+fn completed_runs(
+    window: &[(i64, f64, DateTime<Utc>)],
+    from: i64,
+    threshold: f64,
+    run: i64,
+) -> Vec<(usize, (i64, i64))> {
+    let mut ends = Vec::new();
+    let mut length = 0i64;
+    let mut unknown_start = false;
+    for (i, &(seq, temperature, _)) in window.iter().enumerate() {
+        let follows = i > 0 && window[i - 1].0 == seq - 1;
+        if temperature <= threshold {
+            length = 0;
+            continue;
+        }
+        if follows && length > 0 {
+            length += 1;
+        } else {
+            length = 1;
+            unknown_start = seq == from;
+        }
+        if length == run && !unknown_start {
+            ends.push(i);
+        }
+    }
+    // Each block's extent, for the completed runs in it.
+    ends.into_iter()
+        .map(|end| {
+            let mut first = end;
+            while first > 0
+                && window[first - 1].0 == window[first].0 - 1
+                && window[first - 1].1 > threshold
+            {
+                first -= 1;
+            }
+            let mut last = end;
+            while last + 1 < window.len()
+                && window[last + 1].0 == window[last].0 + 1
+                && window[last + 1].1 > threshold
+            {
+                last += 1;
+            }
+            (end, (window[first].0, window[last].0))
+        })
+        .collect()
+}
+
+async fn insert_readings(
+    tx: &mut Transaction<'_, Postgres>,
+    readings: &[Reading],
+) -> Result<u64, sqlx::Error> {
+    if readings.is_empty() {
+        return Ok(0);
+    }
+    let result = sqlx::query(
+        "INSERT INTO readings (device_id, seq, ts, temperature_c, humidity_pct, battery_pct) \
+         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::timestamptz[], $4::float8[], $5::float8[], $6::float8[]) \
+         ON CONFLICT (device_id, seq) DO NOTHING",
+    )
+    .bind(readings.iter().map(|r| r.device_id.clone()).collect::<Vec<_>>())
+    .bind(readings.iter().map(|r| r.seq).collect::<Vec<_>>())
+    .bind(readings.iter().map(|r| r.ts).collect::<Vec<_>>())
+    .bind(readings.iter().map(|r| r.temperature_c).collect::<Vec<_>>())
+    .bind(readings.iter().map(|r| r.humidity_pct).collect::<Vec<_>>())
+    .bind(readings.iter().map(|r| r.battery_pct).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// One upsert per device, in id order (two instances writing the same
+/// devices lock them in the same order, so they cannot deadlock): the
+/// newest reading (if newer than the stored one) and the status.
+async fn update_devices(
+    tx: &mut Transaction<'_, Postgres>,
+    readings: &[Reading],
+    statuses: &BTreeMap<String, bool>,
+) -> Result<(), sqlx::Error> {
+    let mut newest: BTreeMap<&str, &Reading> = BTreeMap::new();
+    for r in readings {
+        newest.insert(&r.device_id, r); // sorted by seq: the last one wins
+    }
+    let mut ids: Vec<&str> = newest.keys().copied().collect();
+    ids.extend(statuses.keys().map(String::as_str));
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let reading = |id: &str| newest.get(id).copied();
+    sqlx::query(
+        "INSERT INTO devices AS d (id, online, status_at, last_seen, last_seq, last_ts, \
+                                   last_temperature_c, last_humidity_pct, last_battery_pct) \
+         SELECT id, coalesce(online, false), CASE WHEN online IS NULL THEN NULL ELSE now() END, \
+                CASE WHEN seq IS NULL THEN NULL ELSE now() END, seq, ts, t, h, b \
+         FROM UNNEST($1::text[], $2::bool[], $3::int8[], $4::timestamptz[], $5::float8[], $6::float8[], $7::float8[]) \
+              AS u(id, online, seq, ts, t, h, b) \
+         ON CONFLICT (id) DO UPDATE SET \
+           online = CASE WHEN EXCLUDED.status_at IS NULL THEN d.online ELSE EXCLUDED.online END, \
+           status_at = coalesce(EXCLUDED.status_at, d.status_at), \
+           last_seen = coalesce(EXCLUDED.last_seen, d.last_seen), \
+           last_seq = CASE WHEN EXCLUDED.last_seq > coalesce(d.last_seq, -1) THEN EXCLUDED.last_seq ELSE d.last_seq END, \
+           last_ts = CASE WHEN EXCLUDED.last_seq > coalesce(d.last_seq, -1) THEN EXCLUDED.last_ts ELSE d.last_ts END, \
+           last_temperature_c = CASE WHEN EXCLUDED.last_seq > coalesce(d.last_seq, -1) THEN EXCLUDED.last_temperature_c ELSE d.last_temperature_c END, \
+           last_humidity_pct = CASE WHEN EXCLUDED.last_seq > coalesce(d.last_seq, -1) THEN EXCLUDED.last_humidity_pct ELSE d.last_humidity_pct END, \
+           last_battery_pct = CASE WHEN EXCLUDED.last_seq > coalesce(d.last_seq, -1) THEN EXCLUDED.last_battery_pct ELSE d.last_battery_pct END",
+    )
+    .bind(&ids)
+    .bind(ids.iter().map(|id| statuses.get(*id).copied()).collect::<Vec<Option<bool>>>())
+    .bind(ids.iter().map(|id| reading(id).map(|r| r.seq)).collect::<Vec<_>>())
+    .bind(ids.iter().map(|id| reading(id).map(|r| r.ts)).collect::<Vec<_>>())
+    .bind(ids.iter().map(|id| reading(id).map(|r| r.temperature_c)).collect::<Vec<_>>())
+    .bind(ids.iter().map(|id| reading(id).map(|r| r.humidity_pct)).collect::<Vec<_>>())
+    .bind(ids.iter().map(|id| reading(id).map(|r| r.battery_pct)).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::completed_runs;
+
+    #[test]
+    fn a_run_completes_once_at_exactly_n() {
+        let t = chrono::Utc::now();
+        let w = |temps: &[(i64, f64)]| -> Vec<(i64, f64, chrono::DateTime<chrono::Utc>)> {
+            temps.iter().map(|&(s, c)| (s, c, t)).collect()
+        };
+        let ends = |temps: &[(i64, f64)], from: i64| -> Vec<i64> {
+            let window = w(temps);
+            completed_runs(&window, from, 30.0, 3)
+                .into_iter()
+                .map(|(end, _)| window[end].0)
+                .collect()
+        };
+        // 31 at seqs 1..4: a run of three completes at seq 3 only.
+        assert_eq!(
+            ends(&[(1, 31.0), (2, 31.0), (3, 31.0), (4, 31.0)], 0),
+            vec![3]
+        );
+        // Two high, a normal one, three high: only the second run.
+        let mixed = [
+            (1, 31.0),
+            (2, 31.0),
+            (3, 20.0),
+            (4, 31.0),
+            (5, 31.0),
+            (6, 31.0),
+        ];
+        assert_eq!(ends(&mixed, 0), vec![6]);
+        // A gap in the seqs breaks the run.
+        assert!(ends(&[(1, 31.0), (2, 31.0), (4, 31.0)], 0).is_empty());
+        // Exactly at the threshold is not above it.
+        assert!(ends(&[(1, 30.0), (2, 30.0), (3, 30.0)], 0).is_empty());
+        // Still hot: a window that starts inside the run (seq 7 arrived,
+        // window from 4) must not see a new run at 6.
+        let hot: Vec<(i64, f64)> = (4..=10).map(|s| (s, 31.0)).collect();
+        assert!(ends(&hot, 4).is_empty());
+        // The block reaches as far as the window shows it.
+        let window = w(&[(1, 31.0), (2, 31.0), (3, 31.0), (4, 31.0), (5, 20.0)]);
+        assert_eq!(completed_runs(&window, 0, 30.0, 3), vec![(2, (1, 4))]);
+    }
+}

@@ -1,0 +1,742 @@
+//! The chat lab: WebSocket rooms shared across instances through Redis.
+//!
+//! Run one: `cargo test -p workshop --test chat <name>`.
+//! Each test has its own Redis key prefix; instances that share a prefix
+//! share rooms. Clients are real WebSocket clients (tokio-tungstenite).
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use lab_core::proxy::Proxy;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{
+        Message as Frame,
+        protocol::{CloseFrame, frame::coding::CloseCode},
+    },
+};
+use workshop::{ChatApp, CrashableChat};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long a test waits for a frame it expects.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A real WebSocket client in a room.
+struct Member {
+    ws: Ws,
+}
+
+impl Member {
+    /// Connects and returns the member with its welcome frame.
+    async fn join(url: &str) -> (Self, Value) {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .unwrap_or_else(|err| panic!("connect {url}: {err}"));
+        let mut member = Self { ws };
+        let welcome = member.next().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        (member, welcome)
+    }
+
+    async fn say(&mut self, text: &str) {
+        self.send(Frame::text(
+            json!({"type": "say", "text": text}).to_string(),
+        ))
+        .await;
+    }
+
+    async fn send(&mut self, frame: Frame) {
+        self.ws.send(frame).await.expect("send a frame");
+    }
+
+    /// The next JSON frame (pings are answered by tungstenite meanwhile).
+    async fn next(&mut self) -> Value {
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame within 10 s")
+                .expect("the connection is open")
+                .expect("a good frame");
+            match frame {
+                Frame::Text(text) => return serde_json::from_str(&text).unwrap(),
+                Frame::Close(close) => panic!("closed by the server: {close:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame of type `kind`, skipping others.
+    async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let frame = self.next().await;
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+
+    /// Reads until the server's close frame; returns it and the number of
+    /// messages read on the way.
+    async fn closed(&mut self) -> (Option<CloseFrame>, usize) {
+        let mut messages = 0;
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a close within 10 s")
+            {
+                Some(Ok(Frame::Close(close))) => return (close, messages),
+                Some(Ok(Frame::Text(_))) => messages += 1,
+                Some(Ok(_)) => {}
+                Some(Err(err)) => panic!("connection broke without a close frame: {err}"),
+                None => panic!("connection ended without a close frame"),
+            }
+        }
+    }
+}
+
+fn members(frame: &Value) -> Vec<&str> {
+    frame["members"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no members in {frame}"))
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect()
+}
+
+/// `1795436670774-3` → (1795436670774, 3), to compare ids in order.
+fn stream_id(id: &Value) -> (u64, u64) {
+    let (ms, seq) = id.as_str().unwrap().split_once('-').unwrap();
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+#[tokio::test]
+async fn join_gets_a_welcome_with_members_and_history() {
+    let app = ChatApp::start(ChatApp::settings()).await;
+    let (mut ada, welcome) = Member::join(&app.ws_url("lobby", "ada")).await;
+    assert_eq!(welcome["room"], "lobby");
+    assert_eq!(welcome["name"], "ada");
+    assert_eq!(members(&welcome), ["ada"]);
+    assert_eq!(welcome["history"], json!([]));
+
+    for text in ["one", "two", "three"] {
+        ada.say(text).await;
+        assert_eq!(ada.next_of("message").await["text"], text);
+    }
+    let (_bob, welcome) = Member::join(&app.ws_url("lobby", "bob")).await;
+    assert_eq!(members(&welcome), ["ada", "bob"]);
+    let history = welcome["history"].as_array().unwrap();
+    let texts: Vec<&str> = history
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["one", "two", "three"], "oldest first");
+    assert!(
+        history
+            .iter()
+            .all(|m| m["name"] == "ada" && m["room"] == "lobby")
+    );
+    assert!(stream_id(&history[0]["id"]) < stream_id(&history[2]["id"]));
+
+    let joined = ada.next_of("joined").await;
+    assert_eq!(joined["name"], "bob");
+    assert_eq!(members(&joined), ["ada", "bob"]);
+
+    // The REST view of the same history.
+    let body = app.get_json("/rooms/lobby/messages?limit=2").await;
+    let texts: Vec<&str> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["two", "three"]);
+    app.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_welcome_carries_only_the_last_50_messages() {
+    let mut settings = ChatApp::settings();
+    settings.rate_burst = std::num::NonZeroU32::new(100).unwrap();
+    let app = ChatApp::start(settings).await;
+    let (mut ada, _) = Member::join(&app.ws_url("lobby", "ada")).await;
+    for i in 0..60 {
+        ada.say(&format!("m{i}")).await;
+    }
+    for _ in 0..60 {
+        ada.next_of("message").await;
+    }
+    let (_bob, welcome) = Member::join(&app.ws_url("lobby", "bob")).await;
+    let history = welcome["history"].as_array().unwrap();
+    assert_eq!(history.len(), 50);
+    assert_eq!(history[0]["text"], "m10");
+    assert_eq!(history[49]["text"], "m59");
+    app.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_message_reaches_every_member_of_the_room_and_no_one_outside_it() {
+    let app = ChatApp::start(ChatApp::settings()).await;
+    let (mut ada, _) = Member::join(&app.ws_url("kitchen", "ada")).await;
+    let (mut bob, _) = Member::join(&app.ws_url("kitchen", "bob")).await;
+    let (mut cy, _) = Member::join(&app.ws_url("kitchen", "cy")).await;
+    let (mut dee, _) = Member::join(&app.ws_url("garden", "dee")).await;
+    let (mut eve, _) = Member::join(&app.ws_url("garden", "eve")).await;
+
+    ada.say("soup is ready").await;
+    for member in [&mut ada, &mut bob, &mut cy] {
+        let message = member.next_of("message").await;
+        assert_eq!(
+            (&message["name"], &message["text"], &message["room"]),
+            (&json!("ada"), &json!("soup is ready"), &json!("kitchen"))
+        );
+    }
+    // Frames on one connection arrive in order: if dee had been sent ada's
+    // message, it would come before eve's.
+    eve.say("roses are out").await;
+    let message = dee.next_of("message").await;
+    assert_eq!(
+        (&message["name"], &message["text"]),
+        (&json!("eve"), &json!("roses are out"))
+    );
+    app.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_instances_share_a_room_in_the_same_order() {
+    let settings = ChatApp::settings();
+    let a = ChatApp::start(settings.clone()).await;
+    let b = ChatApp::start(chat::Settings {
+        instance: "other".into(),
+        ..settings
+    })
+    .await;
+    let (mut ada, welcome) = Member::join(&a.ws_url("lobby", "ada")).await;
+    assert_eq!(welcome["instance"], "test");
+    let (mut bob, welcome) = Member::join(&b.ws_url("lobby", "bob")).await;
+    assert_eq!(welcome["instance"], "other");
+    assert_eq!(members(&welcome), ["ada", "bob"], "b sees a's member");
+    assert_eq!(members(&ada.next_of("joined").await), ["ada", "bob"]);
+    let (mut cy, welcome) = Member::join(&a.ws_url("lobby", "cy")).await;
+    assert_eq!(members(&welcome), ["ada", "bob", "cy"]);
+
+    // Both instances' members talk at once; every member, on either
+    // instance, must see the same messages in the same order.
+    const EACH: usize = 15;
+    let (ada_says, bob_says) = tokio::join!(
+        async {
+            for i in 0..EACH {
+                ada.say(&format!("a{i}")).await;
+            }
+            ada
+        },
+        async {
+            for i in 0..EACH {
+                bob.say(&format!("b{i}")).await;
+            }
+            bob
+        }
+    );
+    let (mut ada, mut bob) = (ada_says, bob_says);
+    let mut seen = Vec::new();
+    for member in [&mut ada, &mut bob, &mut cy] {
+        let mut ids = Vec::new();
+        for _ in 0..2 * EACH {
+            let message = member.next_of("message").await;
+            ids.push((stream_id(&message["id"]), message["text"].clone()));
+        }
+        assert!(ids.windows(2).all(|w| w[0].0 < w[1].0), "ids rise: {ids:?}");
+        seen.push(ids);
+    }
+    assert_eq!(seen[0], seen[1], "a's member and b's member agree");
+    assert_eq!(seen[0], seen[2]);
+
+    let rooms = b.get_json("/rooms").await;
+    assert_eq!(rooms, json!({"rooms": [{"room": "lobby", "members": 3}]}));
+    a.stop().await.unwrap();
+    b.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_frames_get_error_frames_and_the_connection_survives() {
+    let app = ChatApp::start(ChatApp::settings()).await;
+    let (mut ada, _) = Member::join(&app.ws_url("lobby", "ada")).await;
+    let long = "x".repeat(2001);
+    let cases = [
+        (Frame::text("hello"), "invalid_json"),
+        (Frame::text("[1,2,3]"), "invalid_json"),
+        (
+            Frame::text(r#"{"type":"shout","text":"hi"}"#),
+            "unknown_type",
+        ),
+        (Frame::text(r#"{"type":"say"}"#), "invalid_text"),
+        (Frame::text(r#"{"type":"say","text":""}"#), "empty_text"),
+        (
+            Frame::text(json!({"type":"say","text": long}).to_string()),
+            "text_too_long",
+        ),
+        (Frame::binary(vec![1, 2, 3]), "binary_frame"),
+    ];
+    for (frame, code) in cases {
+        ada.send(frame).await;
+        let error = ada.next().await;
+        assert_eq!(
+            (&error["type"], &error["code"]),
+            (&json!("error"), &json!(code))
+        );
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    ada.say("still here").await;
+    assert_eq!(ada.next().await["text"], "still here");
+    let history = app.get_json("/rooms/lobby/messages").await;
+    assert_eq!(
+        history["messages"].as_array().unwrap().len(),
+        1,
+        "{history}"
+    );
+    app.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_with_1009() {
+    let app = ChatApp::start(ChatApp::settings()).await;
+    let (mut ada, _) = Member::join(&app.ws_url("lobby", "ada")).await;
+    let (mut bob, _) = Member::join(&app.ws_url("lobby", "bob")).await;
+    let just_fits = format!(r#"{{"type":"say","text":"{}"}}"#, "y".repeat(1990));
+    assert!(just_fits.len() < 16 * 1024);
+    ada.send(Frame::text(just_fits)).await;
+    assert_eq!(ada.next_of("message").await["name"], "ada");
+
+    ada.send(Frame::text("z".repeat(16 * 1024 + 1))).await;
+    let (close, _) = ada.closed().await;
+    assert_eq!(close.map(|c| c.code), Some(CloseCode::Size), "1009");
+    let left = bob.next_of("left").await;
+    assert_eq!(
+        (&left["name"], members(&left)),
+        (&json!("ada"), vec!["bob"])
+    );
+    app.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_cut_with_1008_and_the_others_get_everything() {
+    let mut settings = ChatApp::settings();
+    // The sender is a test harness, not a person: let it go fast.
+    settings.rate_per_sec = std::num::NonZeroU32::new(100_000).unwrap();
+    settings.rate_burst = std::num::NonZeroU32::new(100_000).unwrap();
+    settings.outbound_queue = 128;
+    let app = ChatApp::start(settings).await;
+
+    // The slow client's socket has a small receive buffer, so the server
+    // notices it is not reading after a few hundred kilobytes, not megabytes.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let (ws, _) =
+        tokio_tungstenite::client_async(app.ws_url("lobby", "slow"), MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+    let mut slow = Member { ws };
+    assert_eq!(slow.next().await["type"], "welcome");
+    let (mut reader, _) = Member::join(&app.ws_url("lobby", "reader")).await;
+    let (sender, _) = Member::join(&app.ws_url("lobby", "sender")).await;
+    assert_eq!(reader.next_of("joined").await["name"], "sender");
+
+    const COUNT: usize = 3000;
+    let (read_count, mut read_so_far) = tokio::sync::watch::channel(0);
+    let reads_everything = tokio::spawn(async move {
+        let mut got = 0;
+        while got < COUNT {
+            let frame = reader.next().await;
+            if frame["type"] == "message" {
+                assert_eq!(
+                    frame["text"].as_str().unwrap()[..5],
+                    format!("{got:05}"),
+                    "the reader gets every message, in order"
+                );
+                got += 1;
+                read_count.send_replace(got);
+            } else if frame["type"] == "left" {
+                assert_eq!(frame["name"], "slow");
+                assert_eq!(members(&frame), ["reader", "sender"]);
+            }
+        }
+        got
+    });
+    // The sender reads its own echoes as it goes, and keeps at most 32
+    // messages ahead of them and of the reader: both are fast clients, and
+    // neither may fall 128 frames behind on a busy machine.
+    let (mut sink, mut echoes) = sender.ws.split();
+    let (echo_count, mut echoed_so_far) = tokio::sync::watch::channel(0);
+    let echoed = tokio::spawn(async move {
+        let mut got = 0;
+        while got < COUNT {
+            match tokio::time::timeout(WAIT, echoes.next()).await {
+                Ok(Some(Ok(Frame::Text(text)))) if text.contains(r#""type":"message""#) => {
+                    got += 1;
+                    echo_count.send_replace(got);
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("the sender's connection ended: {other:?}"),
+            }
+        }
+        got
+    });
+    let text = "w".repeat(1500);
+    for i in 0..COUNT {
+        echoed_so_far.wait_for(|n| n + 32 > i).await.unwrap();
+        read_so_far.wait_for(|n| n + 32 > i).await.unwrap();
+        let say = json!({"type": "say", "text": format!("{i:05} {text}")});
+        sink.send(Frame::text(say.to_string())).await.unwrap();
+    }
+    assert_eq!(reads_everything.await.unwrap(), COUNT);
+    assert_eq!(echoed.await.unwrap(), COUNT);
+
+    // Now read what the slow client was sent: part of the stream, then 1008.
+    let (close, read) = slow.closed().await;
+    let close = close.expect("a close frame");
+    assert_eq!(close.code, CloseCode::Policy, "1008: {close:?}");
+    assert!(read < COUNT, "it was cut before the end ({read} read)");
+
+    let metrics = reqwest::get(app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("chat_slow_disconnects_total 1"),
+        "{metrics}"
+    );
+    app.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn more_than_the_rate_gets_rate_limited_errors() {
+    let app = ChatApp::start(ChatApp::settings()).await;
+    let (mut ada, _) = Member::join(&app.ws_url("lobby", "ada")).await;
+    // Burst 20, then 10 a second: 40 frames sent at once mostly exceed it.
+    for i in 0..40 {
+        ada.say(&format!("m{i}")).await;
+    }
+    let (mut accepted, mut limited) = (0, 0);
+    for _ in 0..40 {
+        let frame = ada.next().await;
+        match (frame["type"].as_str(), frame["code"].as_str()) {
+            (Some("message"), _) => accepted += 1,
+            (Some("error"), Some("rate_limited")) => limited += 1,
+            other => panic!("unexpected {other:?}: {frame}"),
+        }
+    }
+    assert!((20..30).contains(&accepted), "{accepted} accepted");
+    assert_eq!(accepted + limited, 40);
+
+    // A second later the bucket has refilled by about ten.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ada.say("after a pause").await;
+    assert_eq!(ada.next().await["text"], "after a pause");
+    app.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn presence_is_right_after_clean_and_abrupt_disconnects() {
+    // The default timings here (a 60 s idle timeout): a leave seen within
+    // the test's 10 s wait came from the close or the dropped socket, not
+    // from the idle timer.
+    let app = ChatApp::start(ChatApp::settings()).await;
+    let (mut ada, _) = Member::join(&app.ws_url("lobby", "ada")).await;
+    let (mut bob, _) = Member::join(&app.ws_url("lobby", "bob")).await;
+    let (cy, _) = Member::join(&app.ws_url("lobby", "cy")).await;
+    let rooms = || async {
+        let body = app.get_json("/rooms").await;
+        body["rooms"][0]["members"].as_u64().unwrap()
+    };
+    assert_eq!(rooms().await, 3);
+
+    // Clean: a close frame.
+    bob.ws.close(None).await.unwrap();
+    let left = ada.next_of("left").await;
+    assert_eq!(
+        (&left["name"], members(&left)),
+        (&json!("bob"), vec!["ada", "cy"])
+    );
+
+    // Abrupt: the TCP connection just goes, no close frame.
+    drop(cy);
+    let left = ada.next_of("left").await;
+    assert_eq!((&left["name"], members(&left)), (&json!("cy"), vec!["ada"]));
+
+    // Quick timings on a second instance sharing the rooms, for what only
+    // time reveals.
+    let quick_settings = chat::Settings {
+        key_prefix: app.prefix.clone(),
+        ping_interval_ms: 200,
+        idle_timeout_ms: 1000,
+        ..ChatApp::settings()
+    };
+    let quick = ChatApp::start(quick_settings.clone()).await;
+
+    // Silent: the socket stays open but nothing comes back, not even a pong
+    // (dee never reads, so tungstenite never answers a ping).
+    let (dee, _) = Member::join(&quick.ws_url("lobby", "dee")).await;
+    assert_eq!(members(&ada.next_of("joined").await), ["ada", "dee"]);
+    let left = ada.next_of("left").await;
+    assert_eq!(
+        (&left["name"], members(&left)),
+        (&json!("dee"), vec!["ada"])
+    );
+    drop(dee);
+
+    // Crash: a whole instance dies with its members still "present"; the
+    // quick instance sweeps them out.
+    let doomed = CrashableChat::start(quick_settings).await;
+    let (_eve, _) = Member::join(&doomed.ws_url("lobby", "eve")).await;
+    let joined = ada.next_of("joined").await;
+    assert_eq!(members(&joined), ["ada", "eve"]);
+    doomed.crash();
+    let left = ada.next_of("left").await;
+    assert_eq!(
+        (&left["name"], members(&left)),
+        (&json!("eve"), vec!["ada"])
+    );
+    assert_eq!(rooms().await, 1);
+    quick.stop().await.unwrap();
+    app.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_closes_connections_with_1001_and_they_leave() {
+    let app = ChatApp::start(ChatApp::settings()).await;
+    let (mut ada, _) = Member::join(&app.ws_url("lobby", "ada")).await;
+    let (mut bob, _) = Member::join(&app.ws_url("lobby", "bob")).await;
+    let other = ChatApp::start(chat::Settings {
+        key_prefix: app.prefix.clone(),
+        ..ChatApp::settings()
+    })
+    .await;
+    let (mut cy, _) = Member::join(&other.ws_url("lobby", "cy")).await;
+
+    let stopped = tokio::spawn(app.stop());
+    for member in [&mut ada, &mut bob] {
+        let (close, _) = member.closed().await;
+        assert_eq!(close.map(|c| c.code), Some(CloseCode::Away), "1001");
+    }
+    stopped.await.unwrap().unwrap();
+    // Both left before the instance finished stopping: no ghosts.
+    let mut gone = Vec::new();
+    while gone.len() < 2 {
+        let left = cy.next_of("left").await;
+        gone.push(left["name"].as_str().unwrap().to_owned());
+        if gone.len() == 2 {
+            assert_eq!(members(&left), ["cy"]);
+        }
+    }
+    gone.sort();
+    assert_eq!(gone, ["ada", "bob"]);
+    other.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn with_redis_down_members_on_one_instance_still_talk() {
+    let proxy = Proxy::start("127.0.0.1:6379").await.unwrap();
+    let app = ChatApp::start_with_redis(ChatApp::settings(), &proxy.url("redis")).await;
+    let (mut ada, _) = Member::join(&app.ws_url("lobby", "ada")).await;
+    let (mut bob, _) = Member::join(&app.ws_url("lobby", "bob")).await;
+    ada.next_of("joined").await;
+
+    proxy.cut();
+    for member in [&mut ada, &mut bob] {
+        let error = member.next_of("error").await;
+        assert_eq!(error["code"], "redis_unavailable", "{error}");
+    }
+    let ready = reqwest::get(app.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["checks"][0]["name"], "redis");
+    assert_eq!(body["checks"][0]["ok"], false);
+
+    ada.say("can you hear me").await;
+    let message = bob.next_of("message").await;
+    assert_eq!(message["text"], "can you hear me");
+    assert!(message["id"].as_str().unwrap().starts_with("local-"));
+    let warning = ada.next_of("error").await;
+    assert_eq!(warning["code"], "redis_unavailable");
+
+    proxy.restore();
+    for member in [&mut ada, &mut bob] {
+        let notice = member.next_of("notice").await;
+        assert_eq!(notice["code"], "redis_restored");
+    }
+    // The command connection reconnects on its own schedule; wait for it.
+    let mut ready = false;
+    for _ in 0..100 {
+        if reqwest::get(app.url("/readyz")).await.unwrap().status() == StatusCode::OK {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "/readyz is 200 again once Redis is back");
+    bob.say("loud and clear").await;
+    let message = ada.next_of("message").await;
+    assert_eq!(message["text"], "loud and clear");
+    stream_id(&message["id"]); // a Redis stream id again
+    app.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_names_and_plain_http_are_refused_before_the_upgrade() {
+    let app = ChatApp::start(ChatApp::settings()).await;
+    for query in [
+        "room=lobby",
+        "name=ada",
+        "room=two%20words&name=ada",
+        "room=lobby&name=a%2Fb",
+        &format!("room={}&name=ada", "r".repeat(33)),
+    ] {
+        let response = reqwest::get(app.url(&format!("/ws?{query}")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{query}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "malformed", "{query}: {body}");
+    }
+    let error = tokio_tungstenite::connect_async(app.ws_url("lobby", "a%20b"))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("400"), "{error}");
+
+    // A good name but no upgrade: a plain GET is not a WebSocket.
+    let response = reqwest::get(app.url("/ws?room=lobby&name=ada"))
+        .await
+        .unwrap();
+    assert!(response.status().is_client_error(), "{}", response.status());
+
+    let response = reqwest::get(app.url("/rooms/no%20such/messages"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let response = reqwest::get(app.url("/rooms/lobby/messages?limit=0"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    app.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_chats_between_two_browsers_and_reconnects_after_a_restart() {
+    let settings = ChatApp::settings();
+    let app = ChatApp::start(settings.clone()).await;
+    let (mut cy, _) = Member::join(&app.ws_url("lobby", "cy")).await;
+    cy.say("said before anyone opened the page").await;
+    cy.next_of("message").await;
+
+    let driver = workshop::ChromeDriver::start().await;
+    let (ada, bob) = tokio::join!(driver.browser(), driver.browser());
+    let long = Duration::from_secs(15);
+    ada.goto(&app.url("/?room=lobby&name=ada")).await;
+    ada.wait_until(
+        "document.getElementById('status').textContent.startsWith('in lobby as ada')",
+        long,
+    )
+    .await;
+    ada.wait_until(
+        "[...document.querySelectorAll('#messages li.message')].some(li => li.textContent.includes('said before anyone opened the page'))",
+        WAIT,
+    )
+    .await;
+    bob.goto(&app.url("/?room=lobby&name=bob")).await;
+    bob.wait_until(
+        "document.getElementById('status').textContent.startsWith('in lobby as bob')",
+        long,
+    )
+    .await;
+    let members =
+        "[...document.querySelectorAll('#members li')].map(li => li.textContent).join(',')";
+    ada.wait_until(&format!("{members} === 'ada,bob,cy'"), WAIT)
+        .await;
+
+    bob.type_into("text", "hello from a real browser").await;
+    bob.click("send").await;
+    let shows = "[...document.querySelectorAll('#messages li.message')].some(li => li.textContent.includes('bob') && li.textContent.includes('hello from a real browser'))";
+    ada.wait_until(shows, WAIT).await;
+    bob.wait_until(shows, WAIT).await;
+    let message = cy.next_of("message").await;
+    assert_eq!(
+        (&message["name"], &message["text"]),
+        (&json!("bob"), &json!("hello from a real browser"))
+    );
+
+    // The server restarts on the same port: the pages notice the close,
+    // reconnect on their own, and are back in the room.
+    let addr = app.addr;
+    app.stop().await.unwrap();
+    ada.wait_until(
+        "document.getElementById('status').textContent.includes('reconnecting')",
+        WAIT,
+    )
+    .await;
+    let app = ChatApp::start_at(&addr.to_string(), settings, &workshop::redis_url()).await;
+    for page in [&ada, &bob] {
+        page.wait_until("document.getElementById('status').className === 'up'", long)
+            .await;
+    }
+    ada.wait_until(&format!("{members} === 'ada,bob'"), WAIT)
+        .await;
+    ada.type_into("text", "back again").await;
+    ada.click("send").await;
+    bob.wait_until(
+        "[...document.querySelectorAll('#messages li.message')].some(li => li.textContent.includes('back again'))",
+        WAIT,
+    )
+    .await;
+    let shown = bob
+        .eval("document.querySelectorAll('#messages li.message').length")
+        .await;
+    assert_eq!(shown, 3, "history after the reconnect was not shown twice");
+    ada.close().await;
+    bob.close().await;
+    app.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_empty_room_leaves_the_list_and_its_history_expires_unless_someone_returns() {
+    let app = ChatApp::start(ChatApp::settings()).await;
+    let (mut ada, _) = Member::join(&app.ws_url("attic", "ada")).await;
+    ada.say("anyone?").await;
+    ada.next_of("message").await;
+    assert_eq!(app.get_json("/rooms").await["rooms"][0]["room"], "attic");
+
+    ada.ws.close(None).await.unwrap();
+    let mut redis = workshop::redis_connection(&workshop::redis_url()).await;
+    let history = format!("{}room:attic:history", app.prefix);
+    let ttl = workshop::eventually(WAIT, "the history set to expire", || {
+        let (mut redis, history) = (redis.clone(), history.clone());
+        async move {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(&history)
+                .query_async(&mut redis)
+                .await
+                .ok()?;
+            (ttl > 0).then_some(ttl)
+        }
+    })
+    .await;
+    assert!(ttl <= 24 * 3600 * 1000, "{ttl}");
+    assert_eq!(app.get_json("/rooms").await, json!({"rooms": []}));
+    // Still readable meanwhile, and kept again once someone is back.
+    let body = app.get_json("/rooms/attic/messages").await;
+    assert_eq!(body["messages"][0]["text"], "anyone?");
+    let (_bob, welcome) = Member::join(&app.ws_url("attic", "bob")).await;
+    assert_eq!(welcome["history"][0]["text"], "anyone?");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&history)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(ttl, -1, "no expiry while someone is in the room");
+    app.finish().await.unwrap();
+}
