@@ -55,8 +55,11 @@ impl Member {
 
     /// The next JSON frame (pings are answered by tungstenite meanwhile).
     async fn next(&mut self) -> Value {
+        // One deadline for the whole wait: pings arriving meanwhile must not
+        // extend it.
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let frame = tokio::time::timeout(WAIT, self.ws.next())
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
                 .expect("a frame within 10 s")
                 .expect("the connection is open")
@@ -585,6 +588,37 @@ async fn with_redis_down_members_on_one_instance_still_talk() {
     assert_eq!(message["text"], "loud and clear");
     stream_id(&message["id"]); // a Redis stream id again
     app.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_subscription_gone_silent_is_noticed_and_replaced() {
+    let proxy = Proxy::start("127.0.0.1:6379").await.unwrap();
+    let settings = chat::Settings {
+        ping_interval_ms: 1_000,
+        ..ChatApp::settings()
+    };
+    let a = ChatApp::start_with_redis(settings.clone(), &proxy.url("redis")).await;
+    let b = ChatApp::start(chat::Settings {
+        instance: "other".into(),
+        ..settings
+    })
+    .await;
+    let (mut ada, _) = Member::join(&a.ws_url("lobby", "ada")).await;
+    let (mut bob, _) = Member::join(&b.ws_url("lobby", "bob")).await;
+    ada.next_of("joined").await;
+
+    // The network drops a's Redis connections without closing them: no
+    // error, no EOF, just silence. Only a PING on the subscription can tell.
+    proxy.silence();
+    let error = ada.next_of("error").await;
+    assert_eq!(error["code"], "redis_unavailable", "{error}");
+    let notice = ada.next_of("notice").await;
+    assert_eq!(notice["code"], "redis_restored");
+    bob.say("still there?").await;
+    let message = ada.next_of("message").await;
+    assert_eq!(message["text"], "still there?");
+    a.finish().await.unwrap();
+    b.finish().await.unwrap();
 }
 
 #[tokio::test]

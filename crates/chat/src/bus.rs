@@ -214,13 +214,29 @@ pub async fn subscribe(app: App, stop: CancellationToken) -> anyhow::Result<()> 
             Ok(pubsub) => {
                 backoff = Duration::from_millis(100);
                 app.set_redis_up(true);
-                let mut messages = pubsub.into_on_message();
+                let (mut sink, mut messages) = pubsub.split();
+                // A subscriber only listens, so a connection that died
+                // without a word (a dropped NAT entry, a pulled cable) looks
+                // like a quiet one: the instance would go deaf to every other
+                // instance until TCP gave up, hours later. A PING that has no
+                // answer by the next one ends the subscription; a new one
+                // replaces it.
+                let mut ping =
+                    tokio::time::interval(Duration::from_millis(app.settings.ping_interval_ms));
+                ping.reset(); // the first tick waits a whole interval
                 loop {
                     tokio::select! {
                         msg = messages.next() => match msg {
                             Some(msg) => app.on_bus_message(&msg),
                             None => break,
                         },
+                        _ = ping.tick() => {
+                            let answered = tokio::time::timeout(ping.period(), sink.ping::<()>()).await;
+                            if !matches!(answered, Ok(Ok(()))) {
+                                tracing::warn!("chat bus: Redis did not answer a PING on the subscription; subscribing again");
+                                break;
+                            }
+                        }
                         () = stop.cancelled() => return Ok(()),
                     }
                 }

@@ -117,7 +117,7 @@ pub struct Settings {
         default_value_t = 256
     )]
     pub outbound_queue: usize,
-    /// How often the server pings each client.
+    /// How often the server pings each client and its Redis subscription.
     #[arg(
         id = "chat_ping_interval_ms",
         long = "chat-ping-interval-ms",

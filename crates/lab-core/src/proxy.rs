@@ -20,6 +20,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
     cuts: watch::Sender<u64>,
+    silences: watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -30,14 +31,21 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let up = Arc::new(AtomicBool::new(true));
         let (cuts, _) = watch::channel(0u64);
+        let (silences, _) = watch::channel(0u64);
         let task = tokio::spawn({
-            let (up, cuts, target) = (up.clone(), cuts.clone(), target.to_owned());
+            let (up, cuts, silences, target) = (
+                up.clone(),
+                cuts.clone(),
+                silences.clone(),
+                target.to_owned(),
+            );
             async move {
                 while let Ok((mut client, _)) = listener.accept().await {
                     if !up.load(Ordering::SeqCst) {
                         continue; // dropped: the client sees the connection close
                     }
                     let mut cut = cuts.subscribe();
+                    let mut silence = silences.subscribe();
                     let target = target.clone();
                     tokio::spawn(async move {
                         let Ok(mut server) = TcpStream::connect(&target).await else {
@@ -48,6 +56,10 @@ impl Proxy {
                         tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                             _ = cut.changed() => {}
+                            _ = silence.changed() => {
+                                // Hold both sockets open, pass nothing.
+                                let _ = cut.changed().await;
+                            }
                         }
                     });
                 }
@@ -57,6 +69,7 @@ impl Proxy {
             addr,
             up,
             cuts,
+            silences,
             task,
         })
     }
@@ -65,6 +78,13 @@ impl Proxy {
     pub fn cut(&self) {
         self.up.store(false, Ordering::SeqCst);
         self.cuts.send_modify(|n| *n += 1);
+    }
+
+    /// Silences every open connection without closing it, as a dropped NAT
+    /// entry or a pulled cable would: bytes stop and neither side is told.
+    /// New connections pass as usual.
+    pub fn silence(&self) {
+        self.silences.send_modify(|n| *n += 1);
     }
 
     /// Lets connections through again.
