@@ -111,7 +111,7 @@ pub fn redis_url() -> String {
 }
 
 /// A Redis connection for a test, failing with what to do when Redis is down.
-pub async fn redis_connection(url: &str) -> redis::aio::ConnectionManager {
+pub async fn redis_connection(url: &str) -> lab_core::redis::Redis {
     let mut conn = lab_core::redis::connect(url).unwrap();
     if let Err(err) = redis::cmd("PING").query_async::<String>(&mut conn).await {
         panic!(
@@ -128,7 +128,7 @@ pub fn unique_prefix(lab: &str) -> String {
 }
 
 /// Deletes every key under `prefix`.
-pub async fn delete_keys(conn: &mut redis::aio::ConnectionManager, prefix: &str) {
+pub async fn delete_keys(conn: &mut lab_core::redis::Redis, prefix: &str) {
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{prefix}*"))
         .query_async(conn)
@@ -146,7 +146,7 @@ pub struct CachingApp {
     pub http: reqwest::Client,
     pub prefix: String,
     /// A direct connection to the real Redis (not through any proxy).
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: lab_core::redis::Redis,
     shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }

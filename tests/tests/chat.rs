@@ -615,9 +615,20 @@ async fn a_subscription_gone_silent_is_noticed_and_replaced() {
     let notice = ada.next_of("notice").await;
     assert_eq!(notice["code"], "redis_restored");
     bob.say("still there?").await;
+    assert_eq!(bob.next_of("message").await["text"], "still there?");
     let message = ada.next_of("message").await;
     assert_eq!(message["text"], "still there?");
+    // Commands from a went silent too; timed-out replies replaced their
+    // connection, so what ada says and her leaving reach b.
+    ada.say("yes").await;
+    let message = bob.next_of("message").await;
+    assert_eq!(
+        (&message["name"], &message["text"]),
+        (&json!("ada"), &json!("yes"))
+    );
     a.finish().await.unwrap();
+    let left = bob.next_of("left").await;
+    assert_eq!(left["name"], "ada");
     b.finish().await.unwrap();
 }
 

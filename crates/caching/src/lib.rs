@@ -31,8 +31,9 @@ use axum::{
     routing::{get, post},
 };
 pub use lab_core::config::Switch;
+use lab_core::redis::Redis;
 use lab_core::{ApiError, http::bind, metrics::Metrics};
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::AsyncCommands;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -153,7 +154,7 @@ pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Error 
 #[derive(Clone)]
 pub struct App {
     pub(crate) pool: PgPool,
-    pub(crate) redis: ConnectionManager,
+    pub(crate) redis: Redis,
     redis_place: Arc<str>,
     pub(crate) settings: Arc<Settings>,
     pub(crate) stats: Arc<stats::Stats>,
@@ -166,7 +167,7 @@ pub struct App {
 impl App {
     pub fn new(
         pool: PgPool,
-        redis: ConnectionManager,
+        redis: Redis,
         redis_url: &str,
         settings: Settings,
         metrics: &Metrics,
@@ -253,7 +254,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 pub async fn serve(
     listener: TcpListener,
     pool: PgPool,
-    redis: ConnectionManager,
+    redis: Redis,
     redis_url: String,
     settings: Settings,
     shutdown: CancellationToken,

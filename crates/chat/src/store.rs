@@ -22,9 +22,9 @@
 
 use std::sync::{Arc, LazyLock};
 
+use lab_core::redis::Redis;
 use redis::{
     Script,
-    aio::ConnectionManager,
     streams::{StreamId, StreamRangeReply},
 };
 
@@ -67,7 +67,7 @@ pub struct RoomInfo {
 
 #[derive(Clone)]
 pub struct Store {
-    redis: ConnectionManager,
+    redis: Redis,
     prefix: Arc<str>,
     /// A presence entry lives this long unless refreshed.
     presence_ttl_ms: u64,
@@ -76,12 +76,7 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn new(
-        redis: ConnectionManager,
-        prefix: &str,
-        presence_ttl_ms: u64,
-        history_len: usize,
-    ) -> Self {
+    pub fn new(redis: Redis, prefix: &str, presence_ttl_ms: u64, history_len: usize) -> Self {
         Self {
             redis,
             prefix: prefix.into(),
@@ -91,7 +86,7 @@ impl Store {
     }
 
     /// The shared connection, for `/readyz`.
-    pub fn redis(&self) -> ConnectionManager {
+    pub fn redis(&self) -> Redis {
         self.redis.clone()
     }
 

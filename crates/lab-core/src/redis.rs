@@ -10,22 +10,121 @@
 //! The connection is lazy, so a service starts while Redis is down and
 //! `/readyz` names it until it answers. Short timeouts turn a dead Redis into
 //! a quick error instead of a hung request.
+//!
+//! `ConnectionManager` reconnects when its connection breaks, not when it
+//! merely goes silent (a dropped NAT entry, a partition): then every command
+//! times out for as long as TCP keeps the dead socket, which can be many
+//! minutes. [`Redis`] wraps it and starts a fresh connection whenever a reply
+//! times out.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::Context;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{
+    Cmd, Pipeline, RedisFuture, RedisResult, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+};
 
 use crate::{http::Dependency, postgres::start_hint};
 
-pub fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
+pub fn connect(url: &str) -> anyhow::Result<Redis> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(Duration::from_secs(1)))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_millis(500));
-    ConnectionManager::new_lazy_with_config(client(url)?, config)
-        .context("cannot set up the Redis connection")
+    let client = client(url)?;
+    let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+        .context("cannot set up the Redis connection")?;
+    Ok(Redis {
+        shared: Arc::new(Shared {
+            client,
+            config,
+            current: Mutex::new((0, manager)),
+        }),
+    })
+}
+
+/// A shared Redis connection (cheap to clone, like `ConnectionManager`)
+/// that is replaced when a reply times out. Use it as any connection:
+/// `AsyncCommands`, `query_async`, scripts.
+#[derive(Clone)]
+pub struct Redis {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// The connection in use and its generation, so that several commands
+    /// timing out on one dead connection replace it once.
+    current: Mutex<(u64, ConnectionManager)>,
+}
+
+impl Redis {
+    fn current(&self) -> (u64, ConnectionManager) {
+        let current = self
+            .shared
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        (current.0, current.1.clone())
+    }
+
+    fn after<T>(&self, generation: u64, result: &RedisResult<T>) {
+        let Err(err) = result else { return };
+        if !err.is_timeout() {
+            return; // the manager handles broken connections itself
+        }
+        let mut current = self
+            .shared
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if current.0 != generation {
+            return; // replaced already
+        }
+        let fresh = ConnectionManager::new_lazy_with_config(
+            self.shared.client.clone(),
+            self.shared.config.clone(),
+        );
+        if let Ok(fresh) = fresh {
+            tracing::warn!("Redis did not answer in time; using a new connection");
+            *current = (generation + 1, fresh);
+        }
+    }
+}
+
+impl ConnectionLike for Redis {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        let (generation, mut conn) = self.current();
+        Box::pin(async move {
+            let result = conn.req_packed_command(cmd).await;
+            self.after(generation, &result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        let (generation, mut conn) = self.current();
+        Box::pin(async move {
+            let result = conn.req_packed_commands(pipeline, offset, count).await;
+            self.after(generation, &result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.current().1.get_db()
+    }
 }
 
 /// A client for connections of their own (a pub/sub subscriber, say), with
@@ -49,7 +148,7 @@ pub fn client(url: &str) -> anyhow::Result<redis::Client> {
 }
 
 /// The `/readyz` check: Redis answers PING.
-pub fn dependency(conn: ConnectionManager, url: &str) -> Dependency {
+pub fn dependency(conn: Redis, url: &str) -> Dependency {
     let place = where_is(url);
     Dependency::new("redis", move || {
         let mut conn = conn.clone();
