@@ -231,9 +231,15 @@ pub async fn subscribe(app: App, stop: CancellationToken) -> anyhow::Result<()> 
                             None => break,
                         },
                         _ = ping.tick() => {
-                            let answered = tokio::time::timeout(ping.period(), sink.ping::<()>()).await;
+                            let answered = tokio::select! {
+                                answered = tokio::time::timeout(ping.period(), sink.ping::<()>()) => answered,
+                                () = stop.cancelled() => return Ok(()),
+                            };
                             if !matches!(answered, Ok(Ok(()))) {
                                 tracing::warn!("chat bus: Redis did not answer a PING on the subscription; subscribing again");
+                                // The commands' connection most likely went
+                                // the same way: do not wait for its timeouts.
+                                app.store.redis().reconnect();
                                 break;
                             }
                         }

@@ -74,11 +74,27 @@ impl Redis {
         (current.0, current.1.clone())
     }
 
+    /// Starts a fresh connection for the commands that follow, for when
+    /// something else (a subscription that stopped answering, say) shows
+    /// the way to Redis is broken.
+    pub fn reconnect(&self) {
+        let generation = self.current().0;
+        self.replace(generation);
+    }
+
+    /// Called with each reply. (A caller that drops a command before its
+    /// reply or its timeout never gets here; the next command's timeout
+    /// then does the replacing.)
     fn after<T>(&self, generation: u64, result: &RedisResult<T>) {
-        let Err(err) = result else { return };
-        if !err.is_timeout() {
-            return; // the manager handles broken connections itself
+        if let Err(err) = result
+            && err.is_timeout()
+        {
+            self.replace(generation);
         }
+        // A broken connection the manager replaces by itself.
+    }
+
+    fn replace(&self, generation: u64) {
         let mut current = self
             .shared
             .current

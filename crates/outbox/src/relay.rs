@@ -248,7 +248,8 @@ impl Relay {
         let mut last_cleanup: Option<Instant> = None;
         // An idle relay sends nothing, so without listening it would learn of
         // a lost broker only at its next publish, and `/status` would say
-        // connected all the while.
+        // connected all the while. (A connection closed or reset shows here at
+        // once; one that went silent shows when lapin's heartbeat fails.)
         let mut broker_events = std::pin::pin!(connection.events_listener());
         loop {
             if !connection.status().connected() {
