@@ -39,12 +39,7 @@ use crate::{App, Error, Result, invalid};
 const GROUP: &str = "flushers";
 
 fn validate_page(page: &str) -> Result<()> {
-    let ok = !page.is_empty()
-        && page.len() <= 100
-        && page
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if ok {
+    if lab_core::error::is_name(page, 100, b".") {
         Ok(())
     } else {
         Err(invalid(

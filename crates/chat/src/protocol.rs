@@ -24,11 +24,7 @@ pub const HISTORY_ON_JOIN: usize = 50;
 /// purpose: they become parts of Redis keys and channel names, and of the
 /// page's DOM, so nothing in them needs escaping anywhere.
 pub fn check_name(field: &str, value: &str) -> Result<(), String> {
-    let ok = (1..=32).contains(&value.len())
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
+    if lab_core::error::is_name(value, 32, b"") {
         Ok(())
     } else {
         Err(format!(

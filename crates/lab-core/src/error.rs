@@ -15,6 +15,16 @@ use axum::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
+/// True for 1 to `max_len` ASCII letters, digits, `-`, `_` and the bytes in
+/// `also`: the names labs take from paths, queries and topics (rooms, device
+/// ids, cache pages), safe as a Redis key part, a topic level and in the DOM.
+pub fn is_name(value: &str, max_len: usize, also: &[u8]) -> bool {
+    (1..=max_len).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || also.contains(&b))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub status: StatusCode,

@@ -159,11 +159,7 @@ impl Topics {
 
 /// Device ids: 1–64 letters, digits, `-` or `_` (they are topic levels).
 pub fn check_device_id(id: &str) -> Result<(), String> {
-    let ok = (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
+    if lab_core::error::is_name(id, 64, b"") {
         Ok(())
     } else {
         Err(format!(
