@@ -45,16 +45,32 @@ async fn postgres_reads(app: &CachingApp) -> u64 {
 }
 
 async fn db_views(app: &CachingApp, page: &str) -> i64 {
-    let body: Value = app
-        .http
-        .get(app.url(&format!("/pages/{page}/views?source=db")))
+    let body = app
+        .get_json(&format!("/pages/{page}/views?source=db"))
+        .await;
+    body["views"].as_i64().unwrap()
+}
+
+async fn put_inventory(app: &CachingApp, sku: &str, quantity: i64) -> reqwest::Response {
+    app.http
+        .put(app.url(&format!("/inventory/{sku}")))
+        .json(&json!({"quantity": quantity}))
         .send()
         .await
         .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["views"].as_i64().unwrap()
+}
+
+/// Posts `n` views of `page`, each of them accepted.
+async fn post_views(app: &CachingApp, page: &str, n: usize) {
+    for _ in 0..n {
+        let response = app
+            .http
+            .post(app.url(&format!("/pages/{page}/views")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
 }
 
 /// Polls the Postgres count until it reaches `want` (bounded), then returns it.
@@ -124,7 +140,7 @@ async fn a_write_invalidates_so_the_next_read_returns_the_new_value(pool: PgPool
 }
 
 #[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
-async fn ttl_expiry_reloads(pool: PgPool) {
+async fn an_entry_expires_after_its_ttl_and_the_next_read_reloads_from_postgres(pool: PgPool) {
     let mut settings = CachingApp::settings();
     settings.ttl_secs = 1;
     let app = CachingApp::start(pool, settings).await;
@@ -205,13 +221,7 @@ async fn without_stampede_protection_concurrent_misses_each_read_postgres(pool: 
 #[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
 async fn concurrent_reservations_never_oversell(pool: PgPool) {
     let app = CachingApp::start(pool.clone(), CachingApp::settings()).await;
-    let response = app
-        .http
-        .put(app.url("/inventory/WIDGET-1"))
-        .json(&json!({"quantity": 50}))
-        .send()
-        .await
-        .unwrap();
+    let response = put_inventory(&app, "WIDGET-1", 50).await;
     assert_eq!(response.status(), StatusCode::OK);
 
     let attempts = (0..100).map(|_| {
@@ -237,15 +247,7 @@ async fn concurrent_reservations_never_oversell(pool: PgPool) {
         .count();
     assert_eq!((ok, conflicts), (50, 50), "{statuses:?}");
 
-    let stock: Value = app
-        .http
-        .get(app.url("/inventory/WIDGET-1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stock = app.get_json("/inventory/WIDGET-1").await;
     assert_eq!(stock["quantity"], 0, "Redis agrees with the last write");
     let in_db: i64 = sqlx::query_scalar("SELECT quantity FROM inventory WHERE sku = 'WIDGET-1'")
         .fetch_one(&pool)
@@ -269,15 +271,7 @@ async fn ten_thousand_views_posted_are_ten_thousand_in_postgres(pool: PgPool) {
         .await;
     assert!(statuses.iter().all(|s| *s == StatusCode::ACCEPTED));
 
-    let redis: Value = app
-        .http
-        .get(app.url("/pages/home/views"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let redis = app.get_json("/pages/home/views").await;
     assert_eq!(redis["views"], 10_000, "Redis counts at once");
     assert_eq!(wait_for_db_views(&app, "home", 10_000).await, 10_000);
     // One more flush interval: still exactly 10,000, nothing counted twice.
@@ -295,15 +289,7 @@ async fn a_flusher_killed_mid_batch_and_restarted_still_counts_every_view_once(p
     settings.flush_interval_ms = 3_600_000;
     let prefix = settings.key_prefix.clone();
     let first = CachingApp::start(pool.clone(), settings.clone()).await;
-    for _ in 0..1000 {
-        let response = first
-            .http
-            .post(first.url("/pages/docs/views"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::ACCEPTED);
-    }
+    post_views(&first, "docs", 1000).await;
 
     let stream_key = format!("{prefix}views:stream");
     let redis = first.redis.clone();
@@ -368,47 +354,12 @@ async fn a_flusher_killed_mid_batch_and_restarted_still_counts_every_view_once(p
     second.finish().await.unwrap();
 }
 
-#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
-async fn with_redis_cut_reads_bypass_writes_through_fail_and_nothing_acknowledged_is_lost(
-    pool: PgPool,
-) {
-    let target = redis_url()
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .to_owned();
-    let proxy = Proxy::start(&target).await.unwrap();
-    let mut settings = CachingApp::settings();
-    // Views stay in Redis until the shutdown drain, so the outage really
-    // holds acknowledged views; stale keys are retried slowly, so the reads
-    // after the outage really meet the stale copy.
-    settings.flush_interval_ms = 3_600_000;
-    settings.invalidation_retry_ms = 3_000;
-    let app = CachingApp::start_with_redis(pool.clone(), settings, &proxy.url("redis")).await;
-
-    let id = create_profile(&app, "Before").await;
-    assert_eq!(read_profile(&app, &id).await.1, "miss");
-    assert_eq!(read_profile(&app, &id).await.1, "hit");
-    let put = |sku: &str, quantity: i64| {
-        app.http
-            .put(app.url(&format!("/inventory/{sku}")))
-            .json(&json!({"quantity": quantity}))
-            .send()
-    };
-    assert_eq!(put("BOLT", 10).await.unwrap().status(), StatusCode::OK);
-    for _ in 0..50 {
-        let response = app
-            .http
-            .post(app.url("/pages/blog/views"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::ACCEPTED);
-    }
-
-    proxy.cut();
-
+/// While Redis is cut, each pattern does what the lab says: cache-aside
+/// reads bypass and writes succeed, write-through refuses writes and reads
+/// Postgres, write-behind refuses views, and readiness names Redis.
+async fn each_pattern_degrades_as_documented_while_redis_is_cut(app: &CachingApp, id: &str) {
     // Cache-aside reads are served from Postgres.
-    let (status, cache, body) = read_profile(&app, &id).await;
+    let (status, cache, body) = read_profile(app, id).await;
     assert_eq!((status, cache.as_str()), (StatusCode::OK, "bypass"));
     assert_eq!(body["name"], "Before");
     // Cache-aside writes still succeed; the cached copy is now stale.
@@ -421,7 +372,7 @@ async fn with_redis_cut_reads_bypass_writes_through_fail_and_nothing_acknowledge
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     // Write-through refuses, and writes nothing.
-    let response = put("BOLT", 99).await.unwrap();
+    let response = put_inventory(app, "BOLT", 99).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     let error: Value = response.json().await.unwrap();
     assert!(
@@ -467,16 +418,11 @@ async fn with_redis_cut_reads_bypass_writes_through_fail_and_nothing_acknowledge
         .find(|c| c["name"] == "redis")
         .unwrap();
     assert_eq!(redis_check["ok"], false, "{ready}");
+}
 
-    proxy.restore();
-    for _ in 0..100 {
-        let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
-        if ready.status() == StatusCode::OK {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
+/// Once Redis is back it still holds the copy from before the write made
+/// during the outage: reads go around it until the retry deletes it.
+async fn the_stale_entry_is_bypassed_until_the_retry_deletes_it(app: &CachingApp, id: &str) {
     // Redis is back and still holds the stale "Before"…
     let mut redis = app.redis.clone();
     let key = format!("{}profile:{id}", app.prefix);
@@ -486,7 +432,7 @@ async fn with_redis_cut_reads_bypass_writes_through_fail_and_nothing_acknowledge
         "{cached:?}"
     );
     // …yet a read serves "During", around the stale key.
-    let (status, cache, body) = read_profile(&app, &id).await;
+    let (status, cache, body) = read_profile(app, id).await;
     assert_eq!((status, cache.as_str()), (StatusCode::OK, "bypass"));
     assert_eq!(body["name"], "During", "a stale cache entry was served");
     // The retry deletes the stale key; reads go back through the cache.
@@ -499,8 +445,48 @@ async fn with_redis_cut_reads_bypass_writes_through_fail_and_nothing_acknowledge
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gone, "the stale key was never deleted");
-    let (_, cache, body) = read_profile(&app, &id).await;
+    let (_, cache, body) = read_profile(app, id).await;
     assert_eq!((cache.as_str(), &body["name"]), ("miss", &json!("During")));
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn with_redis_cut_reads_bypass_writes_through_fail_and_nothing_acknowledged_is_lost(
+    pool: PgPool,
+) {
+    let target = redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let proxy = Proxy::start(&target).await.unwrap();
+    let mut settings = CachingApp::settings();
+    // Views stay in Redis until the shutdown drain, so the outage really
+    // holds acknowledged views; stale keys are retried slowly, so the reads
+    // after the outage really meet the stale copy.
+    settings.flush_interval_ms = 3_600_000;
+    settings.invalidation_retry_ms = 3_000;
+    let app = CachingApp::start_with_redis(pool.clone(), settings, &proxy.url("redis")).await;
+
+    let id = create_profile(&app, "Before").await;
+    assert_eq!(read_profile(&app, &id).await.1, "miss");
+    assert_eq!(read_profile(&app, &id).await.1, "hit");
+    assert_eq!(
+        put_inventory(&app, "BOLT", 10).await.status(),
+        StatusCode::OK
+    );
+    post_views(&app, "blog", 50).await;
+
+    proxy.cut();
+    each_pattern_degrades_as_documented_while_redis_is_cut(&app, &id).await;
+
+    proxy.restore();
+    for _ in 0..100 {
+        let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+        if ready.status() == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    the_stale_entry_is_bypassed_until_the_retry_deletes_it(&app, &id).await;
 
     // The refused write did not happen; every acknowledged view arrives.
     let quantity: i64 = sqlx::query_scalar("SELECT quantity FROM inventory WHERE sku = 'BOLT'")
@@ -604,15 +590,7 @@ async fn bad_input_gets_the_documented_error(pool: PgPool) {
 #[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
 async fn stats_show_redis_and_readyz_checks_both_backends(pool: PgPool) {
     let app = CachingApp::start(pool, CachingApp::settings()).await;
-    let ready: Value = app
-        .http
-        .get(app.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = app.get_json("/readyz").await;
     assert_eq!(
         ready["checks"],
         json!([{"name": "postgres", "ok": true}, {"name": "redis", "ok": true}])
@@ -631,15 +609,7 @@ async fn shutdown_drains_the_write_behind_buffer(pool: PgPool) {
     settings.flush_interval_ms = 3_600_000;
     let prefix = settings.key_prefix.clone();
     let app = CachingApp::start(pool.clone(), settings).await;
-    for _ in 0..250 {
-        let response = app
-            .http
-            .post(app.url("/pages/drain/views"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::ACCEPTED);
-    }
+    post_views(&app, "drain", 250).await;
     let mut redis = app.redis.clone();
     app.stop().await.expect("a clean stop");
 

@@ -7,11 +7,11 @@
 use std::collections::HashSet;
 
 use catalog::domain::Product;
-use lab_proto::catalog::v1 as pb;
+use lab_proto::catalog::v1::{self as pb, catalog_service_client::CatalogServiceClient};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tonic::Code;
+use tonic::{Code, transport::Channel};
 use workshop::{CatalogApp, closed_port};
 
 /// Timestamps compared as text: prost-types renders a Timestamp as RFC 3339.
@@ -56,6 +56,15 @@ async fn create(app: &CatalogApp, sku: &str) -> Product {
     response.json().await.unwrap()
 }
 
+async fn get(app: &CatalogApp, path: &str) -> reqwest::Response {
+    app.http.get(app.url(path)).send().await.unwrap()
+}
+
+/// GET `path` and parse the body as `T`.
+async fn get_body<T: serde::de::DeserializeOwned>(app: &CatalogApp, path: &str) -> T {
+    get(app, path).await.json().await.unwrap()
+}
+
 /// The REST error body: `{"error":{"code","message"}}`.
 async fn error_of(response: reqwest::Response) -> (StatusCode, String, String) {
     let status = response.status();
@@ -96,7 +105,7 @@ fn rest_json(p: &Product) -> Value {
 }
 
 #[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
-async fn crud_over_rest(pool: PgPool) {
+async fn over_rest_each_write_reads_back_and_a_patch_changes_only_what_it_names(pool: PgPool) {
     let app = CatalogApp::start(pool).await;
 
     let response = post(&app, &mug("MUG-1")).await;
@@ -107,15 +116,7 @@ async fn crud_over_rest(pool: PgPool) {
     assert_eq!(created.sku, "MUG-1");
     assert_eq!(created.tags, ["kitchen", "ceramic"]);
 
-    let read: Product = app
-        .http
-        .get(app.url(&location))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let read: Product = get_body(&app, &location).await;
     assert_eq!(read, created);
 
     let response = app
@@ -132,26 +133,17 @@ async fn crud_over_rest(pool: PgPool) {
     assert_eq!(updated.name, "Mug", "fields absent from the patch stay");
     assert!(updated.updated_at > created.updated_at);
 
-    let page: Value = app
-        .http
-        .get(app.url("/v1/products"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = get_body(&app, "/v1/products").await;
     assert_eq!(page["products"].as_array().unwrap().len(), 1);
     assert_eq!(page["next_page_token"], Value::Null);
 
     let response = app.http.delete(app.url(&location)).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
-    let response = app.http.get(app.url(&location)).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(get(&app, &location).await.status(), StatusCode::NOT_FOUND);
 }
 
 #[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
-async fn crud_over_grpc(pool: PgPool) {
+async fn over_grpc_each_write_reads_back_and_an_update_changes_only_what_it_names(pool: PgPool) {
     let app = CatalogApp::start(pool).await;
     let mut grpc = app.grpc().await;
 
@@ -226,22 +218,16 @@ async fn written_over_one_transport_reads_back_identically_over_the_other(pool: 
         .await
         .unwrap()
         .into_inner();
-    let via_rest: Product = app
-        .http
-        .get(app.url(&format!("/v1/products/{}", over_grpc.id)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let via_rest: Product = get_body(&app, &format!("/v1/products/{}", over_grpc.id)).await;
     assert_eq!(rest_json(&via_rest), as_json(&over_grpc));
 }
 
-#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
-async fn each_invalid_field_is_named_with_422_and_invalid_argument(pool: PgPool) {
-    let app = CatalogApp::start(pool).await;
-    let mut grpc = app.grpc().await;
+/// Each invalid value, over REST and over gRPC: 422 `invalid` and
+/// INVALID_ARGUMENT, the message starting with the field's name.
+async fn each_invalid_value_is_named_over_both_transports(
+    app: &CatalogApp,
+    grpc: &mut CatalogServiceClient<Channel>,
+) {
     let cases: Vec<(&str, Value)> = vec![
         ("sku", json!("lower-case")),
         ("sku", json!("")),
@@ -258,7 +244,7 @@ async fn each_invalid_field_is_named_with_422_and_invalid_argument(pool: PgPool)
     for (field, bad) in cases {
         let mut body = mug("GOOD-SKU");
         body[field] = bad.clone();
-        let (status, code, message) = error_of(post(&app, &body).await).await;
+        let (status, code, message) = error_of(post(app, &body).await).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{field}={bad}");
         assert_eq!(code, "invalid");
         assert!(
@@ -282,20 +268,22 @@ async fn each_invalid_field_is_named_with_422_and_invalid_argument(pool: PgPool)
             status.message()
         );
     }
+}
 
-    // Wrong types and unknown fields are 422 too, naming the field.
+/// Wrong types and unknown fields are 422 too, naming the field; not JSON
+/// at all is 400.
+async fn wrong_types_unknown_fields_and_broken_json_are_refused(app: &CatalogApp) {
     let mut body = mug("GOOD-SKU");
     body["price_cents"] = json!("12.99");
-    let (status, _, message) = error_of(post(&app, &body).await).await;
+    let (status, _, message) = error_of(post(app, &body).await).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(message.contains("price_cents"), "{message}");
     let mut body = mug("GOOD-SKU");
     body["colour"] = json!("blue");
-    let (status, _, message) = error_of(post(&app, &body).await).await;
+    let (status, _, message) = error_of(post(app, &body).await).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(message.contains("colour"), "{message}");
 
-    // Not JSON at all is 400.
     let response = app
         .http
         .post(app.url("/v1/products"))
@@ -309,38 +297,22 @@ async fn each_invalid_field_is_named_with_422_and_invalid_argument(pool: PgPool)
         (status, code.as_str()),
         (StatusCode::BAD_REQUEST, "malformed")
     );
+}
 
-    // A bad id or page token names the field as well.
-    let (status, _, message) = error_of(
-        app.http
-            .get(app.url("/v1/products/42"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(message.starts_with("id"), "{message}");
-    let (status, _, message) = error_of(
-        app.http
-            .get(app.url("/v1/products?page_token=nope"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(message.starts_with("page_token"), "{message}");
-    let (status, _, message) = error_of(
-        app.http
-            .get(app.url("/v1/products?page_size=1001"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(message.starts_with("page_size"), "{message}");
+/// A bad id, page token or page size is named as well.
+async fn bad_ids_and_paging_parameters_are_named(
+    app: &CatalogApp,
+    grpc: &mut CatalogServiceClient<Channel>,
+) {
+    for (path, field) in [
+        ("/v1/products/42", "id"),
+        ("/v1/products?page_token=nope", "page_token"),
+        ("/v1/products?page_size=1001", "page_size"),
+    ] {
+        let (status, _, message) = error_of(get(app, path).await).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(message.starts_with(field), "{message}");
+    }
     let status = grpc
         .list_products(pb::ListProductsRequest {
             page_size: 5000,
@@ -350,17 +322,18 @@ async fn each_invalid_field_is_named_with_422_and_invalid_argument(pool: PgPool)
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("page_size"));
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn each_invalid_field_is_named_with_422_and_invalid_argument(pool: PgPool) {
+    let app = CatalogApp::start(pool).await;
+    let mut grpc = app.grpc().await;
+    each_invalid_value_is_named_over_both_transports(&app, &mut grpc).await;
+    wrong_types_unknown_fields_and_broken_json_are_refused(&app).await;
+    bad_ids_and_paging_parameters_are_named(&app, &mut grpc).await;
 
     // Nothing invalid was stored.
-    let page: Value = app
-        .http
-        .get(app.url("/v1/products"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = get_body(&app, "/v1/products").await;
     assert_eq!(page["products"], json!([]));
 }
 
@@ -371,8 +344,7 @@ async fn an_unknown_id_is_404_and_not_found(pool: PgPool) {
     let id = uuid::Uuid::now_v7();
     let path = format!("/v1/products/{id}");
 
-    let (status, code, message) =
-        error_of(app.http.get(app.url(&path)).send().await.unwrap()).await;
+    let (status, code, message) = error_of(get(&app, &path).await).await;
     assert_eq!(
         (status, code.as_str()),
         (StatusCode::NOT_FOUND, "not_found")
@@ -433,15 +405,7 @@ async fn a_duplicate_sku_is_409_and_already_exists(pool: PgPool) {
         .unwrap();
     assert_eq!(response.status(), StatusCode::CONFLICT);
 
-    let read: Product = app
-        .http
-        .get(app.url(&format!("/v1/products/{}", first.id)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let read: Product = get_body(&app, &format!("/v1/products/{}", first.id)).await;
     assert_eq!(read, first, "the original is untouched");
 }
 
@@ -729,10 +693,9 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish(pool: PgPool) {
 
     app.trigger_shutdown();
     // New connections are refused once shutdown has begun…
-    let addr = app.rest.trim_start_matches("http://").to_owned();
     let mut refused = false;
     for _ in 0..200 {
-        if tokio::net::TcpStream::connect(&addr).await.is_err() {
+        if tokio::net::TcpStream::connect(app.addr).await.is_err() {
             refused = true;
             break;
         }

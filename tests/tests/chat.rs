@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::{SinkExt, StreamExt, stream::SplitStream};
 use lab_core::proxy::Proxy;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::watch, task::JoinHandle};
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
     tungstenite::{
@@ -324,6 +324,74 @@ async fn an_oversized_frame_closes_with_1009() {
     app.finish().await.unwrap();
 }
 
+/// Joins through a socket with a small receive buffer, so the server
+/// notices the member is not reading after a few hundred kilobytes, not
+/// megabytes.
+async fn join_with_a_small_receive_buffer(app: &ChatApp, room: &str, name: &str) -> Member {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let (ws, _) =
+        tokio_tungstenite::client_async(app.ws_url(room, name), MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+    let mut member = Member { ws };
+    assert_eq!(member.next().await["type"], "welcome");
+    member
+}
+
+/// On a task: reads until `reader` has every one of `count` messages,
+/// checking they come in order, and counts them on `read` as they come.
+/// Only the slow member may leave meanwhile.
+fn read_every_message(
+    mut reader: Member,
+    count: usize,
+    read: watch::Sender<usize>,
+) -> JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut got = 0;
+        while got < count {
+            let frame = reader.next().await;
+            if frame["type"] == "message" {
+                assert_eq!(
+                    frame["text"].as_str().unwrap()[..5],
+                    format!("{got:05}"),
+                    "the reader gets every message, in order"
+                );
+                got += 1;
+                read.send_replace(got);
+            } else if frame["type"] == "left" {
+                assert_eq!(frame["name"], "slow");
+                assert_eq!(members(&frame), ["reader", "sender"]);
+            }
+        }
+        got
+    })
+}
+
+/// On a task: counts the `count` echoes of what the sender said on
+/// `echoed` as they come.
+fn count_echoes(
+    mut echoes: SplitStream<Ws>,
+    count: usize,
+    echoed: watch::Sender<usize>,
+) -> JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut got = 0;
+        while got < count {
+            match tokio::time::timeout(WAIT, echoes.next()).await {
+                Ok(Some(Ok(Frame::Text(text)))) if text.contains(r#""type":"message""#) => {
+                    got += 1;
+                    echoed.send_replace(got);
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("the sender's connection ended: {other:?}"),
+            }
+        }
+        got
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_cut_with_1008_and_the_others_get_everything() {
     let mut settings = ChatApp::settings();
@@ -333,61 +401,20 @@ async fn a_client_that_never_reads_is_cut_with_1008_and_the_others_get_everythin
     settings.outbound_queue = 128;
     let app = ChatApp::start(settings).await;
 
-    // The slow client's socket has a small receive buffer, so the server
-    // notices it is not reading after a few hundred kilobytes, not megabytes.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(app.addr).await.unwrap();
-    let (ws, _) =
-        tokio_tungstenite::client_async(app.ws_url("lobby", "slow"), MaybeTlsStream::Plain(stream))
-            .await
-            .unwrap();
-    let mut slow = Member { ws };
-    assert_eq!(slow.next().await["type"], "welcome");
+    let mut slow = join_with_a_small_receive_buffer(&app, "lobby", "slow").await;
     let (mut reader, _) = Member::join(&app.ws_url("lobby", "reader")).await;
     let (sender, _) = Member::join(&app.ws_url("lobby", "sender")).await;
     assert_eq!(reader.next_of("joined").await["name"], "sender");
 
     const COUNT: usize = 3000;
-    let (read_count, mut read_so_far) = tokio::sync::watch::channel(0);
-    let reads_everything = tokio::spawn(async move {
-        let mut got = 0;
-        while got < COUNT {
-            let frame = reader.next().await;
-            if frame["type"] == "message" {
-                assert_eq!(
-                    frame["text"].as_str().unwrap()[..5],
-                    format!("{got:05}"),
-                    "the reader gets every message, in order"
-                );
-                got += 1;
-                read_count.send_replace(got);
-            } else if frame["type"] == "left" {
-                assert_eq!(frame["name"], "slow");
-                assert_eq!(members(&frame), ["reader", "sender"]);
-            }
-        }
-        got
-    });
+    let (read_count, mut read_so_far) = watch::channel(0);
+    let reads_everything = read_every_message(reader, COUNT, read_count);
     // The sender reads its own echoes as it goes, and keeps at most 32
     // messages ahead of them and of the reader: both are fast clients, and
     // neither may fall 128 frames behind on a busy machine.
-    let (mut sink, mut echoes) = sender.ws.split();
-    let (echo_count, mut echoed_so_far) = tokio::sync::watch::channel(0);
-    let echoed = tokio::spawn(async move {
-        let mut got = 0;
-        while got < COUNT {
-            match tokio::time::timeout(WAIT, echoes.next()).await {
-                Ok(Some(Ok(Frame::Text(text)))) if text.contains(r#""type":"message""#) => {
-                    got += 1;
-                    echo_count.send_replace(got);
-                }
-                Ok(Some(Ok(_))) => {}
-                other => panic!("the sender's connection ended: {other:?}"),
-            }
-        }
-        got
-    });
+    let (mut sink, echoes) = sender.ws.split();
+    let (echo_count, mut echoed_so_far) = watch::channel(0);
+    let echoed = count_echoes(echoes, COUNT, echo_count);
     let text = "w".repeat(1500);
     for i in 0..COUNT {
         echoed_so_far.wait_for(|n| n + 32 > i).await.unwrap();
@@ -573,16 +600,9 @@ async fn with_redis_down_members_on_one_instance_still_talk() {
         let notice = member.next_of("notice").await;
         assert_eq!(notice["code"], "redis_restored");
     }
-    // The command connection reconnects on its own schedule; wait for it.
-    let mut ready = false;
-    for _ in 0..100 {
-        if reqwest::get(app.url("/readyz")).await.unwrap().status() == StatusCode::OK {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "/readyz is 200 again once Redis is back");
+    // The command connection reconnects on its own schedule: /readyz is
+    // 200 again once Redis is back (within 10 s).
+    app.wait_until_ready().await;
     bob.say("loud and clear").await;
     let message = ada.next_of("message").await;
     assert_eq!(message["text"], "loud and clear");
@@ -758,7 +778,7 @@ async fn an_empty_room_leaves_the_list_and_its_history_expires_unless_someone_re
     ada.ws.close(None).await.unwrap();
     let mut redis = workshop::redis_connection(&workshop::redis_url()).await;
     let history = format!("{}room:attic:history", app.prefix);
-    let ttl = workshop::eventually(WAIT, "the history set to expire", || {
+    let ttl = workshop::eventually("the history set to expire", WAIT, || {
         let (mut redis, history) = (redis.clone(), history.clone());
         async move {
             let ttl: i64 = redis::cmd("PTTL")

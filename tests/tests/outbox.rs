@@ -5,7 +5,7 @@
 //! and queues on the shared RabbitMQ; broker outages go through a proxy the
 //! test cuts, and crashes are tasks aborted mid-flight.
 
-use std::{collections::HashMap, future::Future, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use futures::{StreamExt, future::join_all, stream};
 use lab_core::proxy::Proxy;
@@ -21,7 +21,7 @@ use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
-use workshop::{OutboxTopology, Service, amqp_channel, amqp_url, closed_port};
+use workshop::{OutboxTopology, Service, amqp_channel, amqp_url, closed_port, count, eventually};
 
 fn order_body(customer: &str) -> Value {
     json!({"customer_id": customer, "items": [
@@ -44,29 +44,6 @@ async fn new_order(api: &Service, customer: &str) -> Uuid {
     let (status, body) = create_order(api, "/orders", &order_body(customer)).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     body["id"].as_str().unwrap().parse().unwrap()
-}
-
-async fn count(pool: &PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
-
-/// Polls `check` until it returns `Some`, or fails after `limit` naming `what`.
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn wait_for_count(pool: &PgPool, sql: &'static str, want: i64, limit: Duration) {
@@ -143,13 +120,10 @@ async fn an_order_and_its_event_commit_together_or_not_at_all(pool: PgPool) {
     api.stop().await.unwrap();
 }
 
-#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
-async fn the_relay_publishes_each_orders_events_in_id_order(pool: PgPool) {
-    let topology = OutboxTopology::new();
-    let amqp = amqp_url();
-    // A probe queue of the test's own sees exactly what the relay sends.
-    let channel = amqp_channel().await;
-    outbox::events::declare_exchange(&channel, &topology.settings.exchange)
+/// A queue of the test's own bound to every event on the exchange: it sees
+/// exactly what the relay sends.
+async fn probe_queue(channel: &lapin::Channel, exchange: &str) -> lapin::types::ShortString {
+    outbox::events::declare_exchange(channel, exchange)
         .await
         .unwrap();
     let probe = channel
@@ -166,35 +140,41 @@ async fn the_relay_publishes_each_orders_events_in_id_order(pool: PgPool) {
     channel
         .queue_bind(
             probe.name().clone(),
-            topology.settings.exchange.as_str().into(),
+            exchange.into(),
             "#".into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await
         .unwrap();
-    let api = Service::api(pool.clone(), &amqp, &topology.settings).await;
-    let relay = Service::relay(pool.clone(), &amqp, &topology.settings).await;
+    probe.name().clone()
+}
 
-    // Twenty orders created and cancelled side by side, while the relay runs.
-    let ids = join_all((0..20).map(|i| {
-        let api = &api;
-        async move {
-            let id = new_order(api, &format!("c-{i}")).await;
-            let response = Client::new()
-                .post(api.url(&format!("/orders/{id}/cancel")))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), StatusCode::OK);
-            id
-        }
+/// Creates `n` orders and cancels each, all side by side.
+async fn create_and_cancel(api: &Service, n: usize) -> Vec<Uuid> {
+    join_all((0..n).map(|i| async move {
+        let id = new_order(api, &format!("c-{i}")).await;
+        let response = Client::new()
+            .post(api.url(&format!("/orders/{id}/cancel")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        id
     }))
-    .await;
+    .await
+}
 
+/// Reads `n` events from `queue`, each with its event id as message id and
+/// its type as routing key: (type, event id) by order, in arrival order.
+async fn receive_events(
+    channel: &lapin::Channel,
+    queue: lapin::types::ShortString,
+    n: usize,
+) -> HashMap<Uuid, Vec<(String, Uuid)>> {
     let mut consumer = channel
         .basic_consume(
-            probe.name().clone(),
+            queue,
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -202,10 +182,10 @@ async fn the_relay_publishes_each_orders_events_in_id_order(pool: PgPool) {
         .await
         .unwrap();
     let mut seen: HashMap<Uuid, Vec<(String, Uuid)>> = HashMap::new();
-    for _ in 0..40 {
+    for _ in 0..n {
         let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
             .await
-            .expect("40 events within 10 s")
+            .unwrap_or_else(|_| panic!("{n} events within 10 s"))
             .unwrap()
             .unwrap();
         let event: Value = serde_json::from_slice(&delivery.data).unwrap();
@@ -225,6 +205,22 @@ async fn the_relay_publishes_each_orders_events_in_id_order(pool: PgPool) {
         ));
         delivery.ack(BasicAckOptions::default()).await.unwrap();
     }
+    seen
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn the_relay_publishes_each_orders_events_in_id_order(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let amqp = amqp_url();
+    let channel = amqp_channel().await;
+    let probe = probe_queue(&channel, &topology.settings.exchange).await;
+    let api = Service::api(pool.clone(), &amqp, &topology.settings).await;
+    let relay = Service::relay(pool.clone(), &amqp, &topology.settings).await;
+
+    // Twenty orders created and cancelled side by side, while the relay runs.
+    let ids = create_and_cancel(&api, 20).await;
+
+    let seen = receive_events(&channel, probe, 40).await;
     for id in ids {
         let events = &seen[&id];
         let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
@@ -310,7 +306,7 @@ async fn a_broker_outage_mid_stream_of_5000_events_ends_with_each_handled_once(p
     let relay = Service::relay(pool.clone(), &via_proxy, &topology.settings).await;
 
     let producer = {
-        let base = api.base.clone();
+        let base = api.url("");
         tokio::spawn(async move {
             let http = Client::new();
             stream::iter(0..EVENTS)

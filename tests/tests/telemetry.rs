@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use telemetry::device::{Counters, Device, Spec};
 use tokio_util::sync::CancellationToken;
-use workshop::{MqttClient, PrivateBroker, TelemetryApp, eventually, mqtt_url};
+use workshop::{MqttClient, PrivateBroker, TelemetryApp, count, eventually, mqtt_url};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -34,10 +34,6 @@ fn reading(device: &str, seq: i64, temperature_c: f64) -> Vec<u8> {
     })
     .to_string()
     .into_bytes()
-}
-
-async fn count(pool: &PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
 /// Waits until the readings table holds `want` rows.
@@ -90,7 +86,7 @@ async fn readings_from_simulated_devices_land_in_postgres_with_correct_stats(poo
     readings_reach(&pool, 75).await;
 
     // The goodbye `offline` may land in a batch after the last reading.
-    let devices = eventually(WAIT, "three devices, offline", || async {
+    let devices = eventually("three devices, offline", WAIT, || async {
         let devices = app.get_json("/devices").await;
         let list = devices.as_array()?;
         (list.len() == 3 && list.iter().all(|d| d["online"] == false)).then_some(devices)
@@ -153,7 +149,7 @@ async fn a_duplicate_reading_is_stored_once(pool: PgPool) {
         .publish(&topic, reading(&id, 2, 21.0), QoS::AtLeastOnce)
         .await;
     readings_reach(&pool, 2).await;
-    eventually(WAIT, "duplicates counted", || async {
+    eventually("duplicates counted", WAIT, || async {
         (app.metric("telemetry_duplicates_total").await == 2).then_some(())
     })
     .await;
@@ -203,7 +199,7 @@ async fn malformed_payloads_go_to_rejects_and_the_loop_keeps_going(pool: PgPool)
         .publish(&telemetry, reading(&id, 1, 20.0), QoS::AtLeastOnce)
         .await;
     readings_reach(&pool, 1).await;
-    eventually(WAIT, "every reject stored", || async {
+    eventually("every reject stored", WAIT, || async {
         (count(&pool, "SELECT count(*) FROM rejects").await == bad.len() as i64).then_some(())
     })
     .await;
@@ -237,7 +233,7 @@ async fn status_is_retained_online_then_offline_by_the_last_will(pool: PgPool) {
         let app = &app;
         let id = id.clone();
         async move {
-            eventually(WAIT, &format!("{id} online={want}"), || async {
+            eventually(&format!("{id} online={want}"), WAIT, || async {
                 let devices = app.get_json("/devices").await;
                 let device = devices
                     .as_array()
@@ -299,7 +295,7 @@ async fn a_command_reaches_the_device_and_its_ack_marks_it_acknowledged(pool: Pg
     let command_id = body["command_id"].as_str().unwrap().to_owned();
     assert_eq!(body["status"], "pending");
 
-    let acked = eventually(WAIT, "the command acknowledged", || async {
+    let acked = eventually("the command acknowledged", WAIT, || async {
         let command = app.get_json(&format!("/commands/{command_id}")).await;
         (command["status"] == "acknowledged").then_some(command)
     })
@@ -312,7 +308,7 @@ async fn a_command_reaches_the_device_and_its_ack_marks_it_acknowledged(pool: Pg
         1
     );
     // The device's readings drift toward the new setpoint.
-    eventually(WAIT, "readings drift toward 30 °C", || async {
+    eventually("readings drift toward 30 °C", WAIT, || async {
         let devices = app.get_json("/devices").await;
         let t = devices[0]["last_reading"]["temperature_c"].as_f64()?;
         (t > 27.0).then_some(())
@@ -480,7 +476,7 @@ async fn readings_published_while_the_ingest_is_cut_off_all_arrive_after_it_reco
     readings_reach(&pool, 100).await;
 
     proxy.cut();
-    eventually(WAIT, "readyz names mosquitto", || async {
+    eventually("readyz names mosquitto", WAIT, || async {
         let ready = app.get_json("/readyz").await;
         (ready["checks"][1]["name"] == "mosquitto" && ready["checks"][1]["ok"] == false)
             .then_some(())
@@ -535,7 +531,7 @@ async fn when_the_broker_forgets_the_session_the_ingest_subscribes_again(pool: P
     // A broker restarted without its state: the ingest reconnects to a
     // broker that has never heard of its subscriptions.
     broker.restart_empty().await;
-    eventually(WAIT, "the ingest subscribed again", || async {
+    eventually("the ingest subscribed again", WAIT, || async {
         let new = app
             .metric("telemetry_connects_total{session=\"new\"}")
             .await;
@@ -624,19 +620,10 @@ async fn the_broker_acl_keeps_each_device_to_its_own_topics_and_refuses_anonymou
 
 #[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
 async fn readyz_names_mosquitto_when_the_broker_is_unreachable(pool: PgPool) {
-    let port = workshop::closed_port().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            let url = format!("mqtt://127.0.0.1:{port}");
-            telemetry::serve(listener, pool, &url, TelemetryApp::settings(), shutdown).await
-        }
-    });
-    let body = eventually(WAIT, "readyz answers", || async {
-        let response = reqwest::get(format!("{base}/readyz")).await.ok()?;
+    let nowhere = format!("mqtt://127.0.0.1:{}", workshop::closed_port().await);
+    let app = TelemetryApp::start_without_waiting(pool, TelemetryApp::settings(), &nowhere).await;
+    let body = eventually("readyz answers", WAIT, || async {
+        let response = reqwest::get(app.url("/readyz")).await.ok()?;
         (response.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(())?;
         let body: Value = response.json().await.ok()?;
         body["checks"][1]["error"]
@@ -654,8 +641,7 @@ async fn readyz_names_mosquitto_when_the_broker_is_unreachable(pool: PgPool) {
             .contains("docker compose up -d mosquitto"),
         "{body}"
     );
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    app.stop().await.unwrap();
 }
 
 #[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
@@ -756,7 +742,7 @@ async fn readings_are_acknowledged_only_once_committed(pool: PgPool) {
             .publish(&topic, reading(&id, seq, 20.0), QoS::AtLeastOnce)
             .await;
     }
-    eventually(WAIT, "the ingest received them", || async {
+    eventually("the ingest received them", WAIT, || async {
         let n = app
             .metric("telemetry_messages_received_total{kind=\"telemetry\"}")
             .await;

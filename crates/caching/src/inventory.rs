@@ -36,6 +36,7 @@ use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 
 use crate::{App, Error, Result, invalid};
+use lab_core::error::DependencyError;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Stock {
@@ -185,12 +186,10 @@ async fn write_through(
         // hold a value that was never committed: keep reads off the key until
         // it is deleted.
         app.mark_stale(key(app, &stock.sku));
-        return Err(match app.redis_error(&err) {
-            Error::RedisDown(message) => Error::RedisDown(format!(
-                "write-through needs Redis and nothing was written: {message}"
-            )),
-            other => other,
-        });
+        let failure = DependencyError::redis(&app.redis_place, &err);
+        return Err(failure
+            .explain("write-through needs Redis and nothing was written")
+            .into());
     }
     if let Err(err) = tx.commit().await {
         // Redis now holds a value Postgres never committed: drop it.

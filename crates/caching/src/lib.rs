@@ -13,7 +13,7 @@
 //! down. `GET /stats` shows the counters that make this visible.
 //!
 //! Try it: `cargo run -p lab -- up --only caching`, then the curl lines in
-//! the README's caching section.
+//! docs/labs/caching.md.
 
 pub mod inventory;
 pub mod profiles;
@@ -32,7 +32,7 @@ use axum::{
 };
 pub use lab_core::config::Switch;
 use lab_core::redis::Redis;
-use lab_core::{ApiError, http::bind, metrics::Metrics};
+use lab_core::{ApiError, config::Listen, error::DependencyError, metrics::Metrics};
 use redis::AsyncCommands;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -95,6 +95,23 @@ pub struct Settings {
     pub invalidation_retry_ms: u64,
 }
 
+impl Settings {
+    /// The settings as the environment and the defaults give them; callers
+    /// change what they need with struct update syntax.
+    pub fn from_env() -> anyhow::Result<Self> {
+        lab_core::config::from_env()
+    }
+
+    pub fn http(&self) -> Listen {
+        Listen::http("caching", &self.http_addr, "CACHING_HTTP_ADDR")
+    }
+
+    /// Every address the caching lab listens on.
+    pub fn listeners(&self) -> Vec<Listen> {
+        vec![self.http()]
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database_url: String,
@@ -115,10 +132,10 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("{0}")]
-    RedisDown(String),
-    #[error("{0}")]
-    PostgresDown(String),
+    /// Redis or Postgres is down (503), or a command failed (500).
+    #[error(transparent)]
+    Dependency(#[from] DependencyError),
+    /// A bug of the lab's own (a load task that panicked).
     #[error("internal error")]
     Internal,
 }
@@ -129,7 +146,7 @@ impl From<Error> for ApiError {
             Error::Invalid { field, message } => ApiError::invalid(field, message),
             Error::NotFound(m) => ApiError::not_found(m),
             Error::Conflict(m) => ApiError::conflict(m),
-            Error::RedisDown(m) | Error::PostgresDown(m) => ApiError::unavailable(m),
+            Error::Dependency(err) => err.into(),
             Error::Internal => ApiError::internal(),
         }
     }
@@ -155,7 +172,7 @@ pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Error 
 pub struct App {
     pub(crate) pool: PgPool,
     pub(crate) redis: Redis,
-    redis_place: Arc<str>,
+    pub(crate) redis_place: Arc<str>,
     pub(crate) settings: Arc<Settings>,
     pub(crate) stats: Arc<stats::Stats>,
     /// Loads in flight, by profile id, each with its generation number.
@@ -198,21 +215,11 @@ impl App {
     }
 
     pub(crate) fn redis_error(&self, err: &redis::RedisError) -> Error {
-        if lab_core::redis::is_unavailable(err) {
-            Error::RedisDown(lab_core::redis::describe(&self.redis_place, err))
-        } else {
-            tracing::error!(%err, "redis command failed");
-            Error::Internal
-        }
+        DependencyError::redis(&self.redis_place, err).into()
     }
 
     pub(crate) fn pg_error(&self, err: sqlx::Error) -> Error {
-        if lab_core::postgres::is_unavailable(&err) {
-            Error::PostgresDown(lab_core::postgres::describe(&self.pool, &err))
-        } else {
-            tracing::error!(%err, "postgres query failed");
-            Error::Internal
-        }
+        DependencyError::postgres(&self.pool, &err).into()
     }
 }
 
@@ -237,7 +244,7 @@ pub fn routes(app: App) -> Router {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = lab_core::postgres::connect(&config.database_url, shutdown.clone())?;
     let redis = lab_core::redis::connect(&config.redis_url)?;
-    let listener = bind(&config.settings.http_addr, "CACHING_HTTP_ADDR").await?;
+    let listener = config.settings.http().bind().await?;
     tracing::info!(http = %listener.local_addr()?, "caching listening");
     serve(
         listener,

@@ -19,7 +19,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    lab_core::telemetry::init_tracing(&cli.log);
+    lab_core::logging::init_tracing(&cli.log);
     let config = caching::Config {
         database_url: cli.postgres.database_url,
         redis_url: cli.redis.redis_url,

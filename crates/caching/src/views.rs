@@ -34,7 +34,8 @@ use redis::{
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::{App, Error, Result, invalid};
+use crate::{App, Result, invalid};
+use lab_core::error::DependencyError;
 
 const GROUP: &str = "flushers";
 
@@ -83,11 +84,9 @@ pub async fn record(
         .incr(counter_key(&app, &page), 1)
         .query_async(&mut conn)
         .await
-        .map_err(|err| match app.redis_error(&err) {
-            Error::RedisDown(message) => Error::RedisDown(format!(
-                "write-behind needs Redis to accept a view: {message}"
-            )),
-            other => other,
+        .map_err(|err| {
+            DependencyError::redis(&app.redis_place, &err)
+                .explain("write-behind needs Redis to accept a view")
         })?;
     let body = Views {
         page,

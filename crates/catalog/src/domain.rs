@@ -6,6 +6,7 @@
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt, TryStreamExt, stream};
+use lab_core::error::DependencyError;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use utoipa::ToSchema;
@@ -80,10 +81,9 @@ pub enum Error {
     NotFound(Uuid),
     #[error("a product with sku {0:?} already exists")]
     DuplicateSku(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("internal error")]
-    Internal(#[source] sqlx::Error),
+    /// Postgres is down (503/UNAVAILABLE), or a query failed (500/INTERNAL).
+    #[error(transparent)]
+    Dependency(#[from] DependencyError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -302,7 +302,9 @@ impl Catalog {
         stream::try_unfold(Some(None), move |state: Option<Option<Uuid>>| {
             let catalog = catalog.clone();
             async move {
-                let Some(after) = state else { return Ok(None) };
+                let Some(after) = state else {
+                    return Ok::<_, Error>(None);
+                };
                 let batch = catalog.page_after(after, STREAM_BATCH).await?;
                 let next = if batch.len() < STREAM_BATCH as usize {
                     None
@@ -381,10 +383,7 @@ impl Catalog {
         {
             return Error::DuplicateSku(sku.unwrap_or_default().to_owned());
         }
-        if lab_core::postgres::is_unavailable(&err) {
-            return Error::Unavailable(lab_core::postgres::describe(&self.pool, &err));
-        }
-        Error::Internal(err)
+        DependencyError::postgres(&self.pool, &err).into()
     }
 }
 

@@ -10,6 +10,8 @@ use lab_proto::catalog::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use lab_core::error::DependencyError;
+
 use crate::domain::{Catalog, Error, NewProduct, Product, ProductPatch};
 
 impl From<Error> for Status {
@@ -18,9 +20,8 @@ impl From<Error> for Status {
             Error::Invalid { .. } => Status::invalid_argument(err.to_string()),
             Error::NotFound(_) => Status::not_found(err.to_string()),
             Error::DuplicateSku(_) => Status::already_exists(err.to_string()),
-            Error::Unavailable(message) => Status::unavailable(message),
-            Error::Internal(source) => {
-                tracing::error!(error = %source, "catalog query failed");
+            Error::Dependency(DependencyError::Down(message)) => Status::unavailable(message),
+            Error::Dependency(DependencyError::Bug) => {
                 Status::internal("internal error; see the service log")
             }
         }

@@ -7,7 +7,7 @@
 //! `lab bench catalog` compares the transports rather than two code bases.
 //!
 //! Try it: `cargo run -p lab -- up --only catalog`, then the curl and grpcurl
-//! lines in the README's catalog section.
+//! lines in docs/labs/catalog.md.
 
 pub mod domain;
 pub mod grpc;
@@ -15,10 +15,7 @@ pub mod rest;
 
 use std::time::Duration;
 
-use lab_core::{
-    http::{Dependency, bind},
-    metrics::Metrics,
-};
+use lab_core::{config::Listen, http::Dependency, metrics::Metrics};
 use lab_proto::catalog::v1::catalog_service_server::CatalogServiceServer;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -28,10 +25,12 @@ use tonic_health::ServingStatus;
 
 pub use domain::Catalog;
 
-/// Where the catalog listens. Shared settings (the database) live in
-/// [`lab_core::config`], so `lab up` can flatten several labs side by side.
+/// The catalog's own settings: where it listens. Shared settings (the
+/// database) live in [`lab_core::config`], so `lab up` can flatten several
+/// labs side by side.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Addrs {
+#[group(id = "catalog_settings")]
+pub struct Settings {
     /// REST listen address (HTTP/1.1 and HTTP/2 cleartext).
     #[arg(
         id = "catalog_http_addr",
@@ -52,17 +51,38 @@ pub struct Addrs {
     pub grpc_addr: String,
 }
 
+impl Settings {
+    /// The settings as the environment and the defaults give them; callers
+    /// change what they need with struct update syntax.
+    pub fn from_env() -> anyhow::Result<Self> {
+        lab_core::config::from_env()
+    }
+
+    pub fn rest(&self) -> Listen {
+        Listen::http("catalog REST", &self.http_addr, "CATALOG_HTTP_ADDR")
+    }
+
+    pub fn grpc(&self) -> Listen {
+        Listen::grpc("catalog gRPC", &self.grpc_addr, "CATALOG_GRPC_ADDR")
+    }
+
+    /// Every address the catalog listens on.
+    pub fn listeners(&self) -> Vec<Listen> {
+        vec![self.rest(), self.grpc()]
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database_url: String,
-    pub addrs: Addrs,
+    pub settings: Settings,
 }
 
 /// Runs the catalog until `shutdown` fires, then drains and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = lab_core::postgres::connect(&config.database_url, shutdown.clone())?;
-    let http = bind(&config.addrs.http_addr, "CATALOG_HTTP_ADDR").await?;
-    let grpc = bind(&config.addrs.grpc_addr, "CATALOG_GRPC_ADDR").await?;
+    let http = config.settings.rest().bind().await?;
+    let grpc = config.settings.grpc().bind().await?;
     tracing::info!(
         rest = %http.local_addr()?,
         grpc = %grpc.local_addr()?,

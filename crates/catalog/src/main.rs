@@ -11,16 +11,16 @@ struct Cli {
     #[command(flatten)]
     postgres: PostgresConfig,
     #[command(flatten)]
-    addrs: catalog::Addrs,
+    settings: catalog::Settings,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    lab_core::telemetry::init_tracing(&cli.log);
+    lab_core::logging::init_tracing(&cli.log);
     let config = catalog::Config {
         database_url: cli.postgres.database_url,
-        addrs: cli.addrs,
+        settings: cli.settings,
     };
     catalog::run(config, lab_core::shutdown::on_signal()).await
 }

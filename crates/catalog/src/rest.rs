@@ -23,11 +23,7 @@ impl From<Error> for ApiError {
             Error::Invalid { field, message } => ApiError::invalid(field, message),
             Error::NotFound(_) => ApiError::not_found(err.to_string()),
             Error::DuplicateSku(_) => ApiError::conflict(err.to_string()),
-            Error::Unavailable(message) => ApiError::unavailable(message),
-            Error::Internal(source) => {
-                tracing::error!(error = %source, "catalog query failed");
-                ApiError::internal()
-            }
+            Error::Dependency(err) => err.into(),
         }
     }
 }

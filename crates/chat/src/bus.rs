@@ -19,6 +19,7 @@
 use std::{sync::atomic::Ordering, time::Duration};
 
 use futures::StreamExt;
+use lab_core::backoff::Backoff;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -194,7 +195,7 @@ impl App {
 /// Subscribes to every room's channel and feeds the hub, reconnecting with
 /// backoff whenever the subscription breaks.
 pub async fn subscribe(app: App, stop: CancellationToken) -> anyhow::Result<()> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), BACKOFF_MAX);
     loop {
         let connect = async {
             let mut pubsub =
@@ -212,7 +213,7 @@ pub async fn subscribe(app: App, stop: CancellationToken) -> anyhow::Result<()> 
         };
         match connected {
             Ok(pubsub) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 app.set_redis_up(true);
                 let (mut sink, mut messages) = pubsub.split();
                 // A subscriber only listens, so a connection that died
@@ -259,10 +260,9 @@ pub async fn subscribe(app: App, stop: CancellationToken) -> anyhow::Result<()> 
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(backoff.next_delay()) => {}
             () = stop.cancelled() => return Ok(()),
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 

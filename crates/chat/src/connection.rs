@@ -13,13 +13,18 @@
 //!   timeout it would stay "present" forever.
 //!
 //! Whoever decides the connection must end (the hub finding the queue
-//! full, the reader, shutdown, the idle timer) calls [`Stop::close`] with a
-//! close code; the writer sends that close frame, the reader waits briefly
-//! for the client's answer, and the member leaves the room, exactly once.
+//! full, the reader, shutdown, the idle timer) calls
+//! [`Stop::close`](crate::hub::Stop::close) with a close code; the writer
+//! sends that close frame, the reader waits briefly for the client's
+//! answer, and the member leaves the room, exactly once.
+//!
+//! A connection uses the [`hub`](crate::hub) (it joins a room there and
+//! takes its frames from the queue the hub fills); the hub never calls back
+//! into a connection, it only pulls its [`Stop`].
 
 use std::{
     sync::{
-        Arc, OnceLock,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -32,11 +37,10 @@ use futures::{
 };
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::{sync::mpsc, time::Instant};
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     App,
-    hub::Outbound,
+    hub::{Outbound, Stop},
     protocol::{FrameError, MAX_FRAME_BYTES, ServerEvent, parse_say},
 };
 
@@ -50,37 +54,6 @@ const JOIN_ECHO_WAIT: Duration = Duration::from_secs(2);
 const REPLY_QUEUE: usize = 32;
 /// tungstenite's read buffer per connection.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
-
-/// Why and how a connection ends: set once, by whoever notices first.
-#[derive(Debug, Default)]
-pub struct Stop {
-    token: CancellationToken,
-    /// `None`: end without a close frame (the client already closed or
-    /// vanished).
-    reason: OnceLock<Option<(u16, &'static str)>>,
-}
-
-impl Stop {
-    /// Ends the connection with this close code.
-    pub fn close(&self, code: u16, reason: &'static str) {
-        let _ = self.reason.set(Some((code, reason)));
-        self.token.cancel();
-    }
-
-    /// Ends the connection without sending a close frame.
-    fn quietly(&self) {
-        let _ = self.reason.set(None);
-        self.token.cancel();
-    }
-
-    pub fn reason(&self) -> Option<(u16, &'static str)> {
-        self.reason.get().copied().flatten()
-    }
-
-    async fn stopped(&self) {
-        self.token.cancelled().await;
-    }
-}
 
 /// What both halves of one connection share.
 struct Conn {
@@ -242,21 +215,40 @@ async fn read(mut stream: SplitStream<WebSocket>, conn: &Conn) {
     }
 }
 
+/// The writer: the welcome first, then the queue, replies and pings, until
+/// the connection stops; then its close frame.
 async fn write(
     mut sink: SplitSink<WebSocket, Message>,
     mut queue: mpsc::Receiver<Outbound>,
-    mut replies: mpsc::Receiver<Utf8Bytes>,
+    replies: mpsc::Receiver<Utf8Bytes>,
     welcome: Utf8Bytes,
     warning: Option<FrameError>,
     conn: &Conn,
 ) {
-    let settings = &conn.app.settings;
-    let shutdown = &conn.app.shutdown;
-    // Events published before our own `joined` are already reflected in the
-    // welcome (its history and member list came from the same atomic
-    // script); drop them, or the client would see them twice, or see an
-    // older member list after a newer one. Frames the welcome does not
-    // cover (a notice that Redis went down, a local message) are kept.
+    let kept = await_own_join(&mut queue, conn).await;
+    let first = first_frames(welcome, warning.as_ref(), kept);
+    pump(&mut sink, queue, replies, first, conn).await;
+    if let Some((code, reason)) = conn.stop.reason() {
+        let close = Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }));
+        // Goes out after whatever was already buffered; a client that reads
+        // nothing at all never gets it, and the grace period ends the wait.
+        let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(close)).await;
+    }
+}
+
+/// Waits (up to [`JOIN_ECHO_WAIT`]) for this connection's own `joined` to
+/// come back through the bus; returns the frames queued before it that the
+/// welcome does not cover.
+///
+/// Events published before our own `joined` are already reflected in the
+/// welcome (its history and member list came from the same atomic
+/// script); drop them, or the client would see them twice, or see an
+/// older member list after a newer one. Frames the welcome does not
+/// cover (a notice that Redis went down, a local message) are kept.
+async fn await_own_join(queue: &mut mpsc::Receiver<Outbound>, conn: &Conn) -> Vec<Message> {
     let mut kept = Vec::new();
     let waited = tokio::time::timeout(JOIN_ECHO_WAIT, async {
         while let Some(out) = queue.recv().await {
@@ -274,9 +266,18 @@ async fn write(
         },
         () = conn.stop.stopped() => {}
     }
+    kept
+}
 
+/// The welcome, then the warning that came with it (Redis down), then the
+/// frames kept while waiting for our own join.
+fn first_frames(
+    welcome: Utf8Bytes,
+    warning: Option<&FrameError>,
+    kept: Vec<Message>,
+) -> Vec<Message> {
     let mut first = vec![Message::Text(welcome)];
-    if let Some(warning) = &warning {
+    if let Some(warning) = warning {
         first.push(Message::Text(
             ServerEvent::Error {
                 code: warning.code,
@@ -286,6 +287,21 @@ async fn write(
         ));
     }
     first.extend(kept);
+    first
+}
+
+/// Writes `first`, then whatever comes next (a reply, a queued frame, a
+/// ping) until the connection stops, the server shuts down (1001), or the
+/// client has been silent for the idle timeout (1000).
+async fn pump(
+    sink: &mut SplitSink<WebSocket, Message>,
+    mut queue: mpsc::Receiver<Outbound>,
+    mut replies: mpsc::Receiver<Utf8Bytes>,
+    first: Vec<Message>,
+    conn: &Conn,
+) {
+    let settings = &conn.app.settings;
+    let shutdown = &conn.app.shutdown;
     let mut pending = first.into_iter();
     let ping_every = Duration::from_millis(settings.ping_interval_ms);
     let idle_limit = Duration::from_millis(settings.idle_timeout_ms);
@@ -321,25 +337,24 @@ async fn write(
                 _ = ping.tick() => Message::Ping(Default::default()),
             }
         };
-        // A send waits while the client is not reading; a stop must still
-        // get through, so the send races it.
-        tokio::select! {
-            sent = sink.send(message) => if sent.is_err() {
-                conn.stop.quietly();
-                break;
-            },
-            () = conn.stop.stopped() => break,
+        if !send(sink, message, conn).await {
+            break;
         }
     }
+}
 
-    if let Some((code, reason)) = conn.stop.reason() {
-        let close = Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        }));
-        // Goes out after whatever was already buffered; a client that reads
-        // nothing at all never gets it, and the grace period ends the wait.
-        let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(close)).await;
+/// Sends one message; false once the connection is stopping or the socket
+/// is gone. A send waits while the client is not reading; a stop must still
+/// get through, so the send races it.
+async fn send(sink: &mut SplitSink<WebSocket, Message>, message: Message, conn: &Conn) -> bool {
+    tokio::select! {
+        sent = sink.send(message) => if sent.is_err() {
+            conn.stop.quietly();
+            false
+        } else {
+            true
+        },
+        () = conn.stop.stopped() => false,
     }
 }
 

@@ -7,16 +7,19 @@
 //! and the delivery moves on. The alternative, awaiting each send, lets one
 //! slow phone stall a room of a thousand; an unbounded queue lets it grow
 //! the server's memory until the process dies.
+//!
+//! The hub knows nothing of sockets: a member is its queue and its
+//! [`Stop`]. [`connection`](crate::connection) uses the hub, never the
+//! other way round.
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
-
-use crate::connection::Stop;
+use tokio_util::sync::CancellationToken;
 
 /// One frame on its way to the connections of a room. Cloning is cheap:
 /// the frame is serialised once and its bytes shared.
@@ -49,6 +52,41 @@ impl Outbound {
             joined: None,
             keep_for_late_joiners: true,
         }
+    }
+}
+
+/// Why and how a connection ends: set once, by whoever notices first (the
+/// hub finding its queue full, its reader, its writer, shutdown). It lives
+/// here, with the queue, because those two are all the hub holds of a
+/// connection: something to fill and something to pull.
+#[derive(Debug, Default)]
+pub struct Stop {
+    token: CancellationToken,
+    /// `None`: end without a close frame (the client already closed or
+    /// vanished).
+    reason: OnceLock<Option<(u16, &'static str)>>,
+}
+
+impl Stop {
+    /// Ends the connection with this close code.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        let _ = self.reason.set(Some((code, reason)));
+        self.token.cancel();
+    }
+
+    /// Ends the connection without sending a close frame.
+    pub fn quietly(&self) {
+        let _ = self.reason.set(None);
+        self.token.cancel();
+    }
+
+    pub fn reason(&self) -> Option<(u16, &'static str)> {
+        self.reason.get().copied().flatten()
+    }
+
+    /// Waits until the connection is told to end.
+    pub async fn stopped(&self) {
+        self.token.cancelled().await;
     }
 }
 

@@ -15,14 +15,18 @@
 //! - [`store`]: history (a capped Redis Stream per room), presence (a
 //!   sorted set per room), and the Lua scripts that change them atomically.
 //! - [`protocol`]: the JSON frames.
+//! - [`api`]: the HTTP side: the page, the upgrade to a WebSocket, and the
+//!   rooms and history as JSON; `stats` counts for `/metrics`.
 //!
 //! Try it: `cargo run -p lab -- up --only chat`, then open
 //! <http://localhost:8083/> or `websocat 'ws://localhost:8083/ws?room=lobby&name=ada'`.
 
+pub mod api;
 pub mod bus;
 pub mod connection;
 pub mod hub;
 pub mod protocol;
+mod stats;
 pub mod store;
 
 use std::{
@@ -33,27 +37,11 @@ use std::{
 };
 
 use anyhow::ensure;
-use axum::{
-    Router,
-    extract::{Path, State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection},
-    http::header,
-    response::{IntoResponse, Response},
-    routing::get,
-};
-use lab_core::{
-    ApiError, Json, Query,
-    http::{Dependency, bind},
-    metrics::Metrics,
-};
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-};
-use serde::{Deserialize, Serialize};
+use lab_core::{config::Listen, http::Dependency, metrics::Metrics};
 use tokio::{net::TcpListener, sync::Notify};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{hub::Hub, store::Store};
+use crate::{hub::Hub, stats::Stats, store::Store};
 
 /// The chat lab's own settings; the Redis URL is shared with other labs and
 /// lives in [`lab_core::config`].
@@ -137,6 +125,21 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The settings as the environment and the defaults give them; callers
+    /// change what they need with struct update syntax.
+    pub fn from_env() -> anyhow::Result<Self> {
+        lab_core::config::from_env()
+    }
+
+    pub fn http(&self) -> Listen {
+        Listen::http("chat", &self.http_addr, "CHAT_HTTP_ADDR")
+    }
+
+    /// Every address the chat lab listens on.
+    pub fn listeners(&self) -> Vec<Listen> {
+        vec![self.http()]
+    }
+
     /// How often an instance sweeps out presence entries nobody refreshes.
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_millis((self.ping_interval_ms / 2).max(50))
@@ -170,87 +173,6 @@ impl Settings {
 pub struct Config {
     pub redis_url: String,
     pub settings: Settings,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PathLabel {
-    path: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CodeLabel {
-    code: String,
-}
-
-/// The chat's Prometheus metrics.
-pub(crate) struct Stats {
-    pub connections: Gauge,
-    pub redis_up: Gauge,
-    said: Family<PathLabel, Counter>,
-    deliveries: Counter,
-    slow_disconnects: Counter,
-    rejected: Family<CodeLabel, Counter>,
-}
-
-impl Stats {
-    fn new(metrics: &Metrics) -> Self {
-        let stats = Self {
-            connections: Gauge::default(),
-            redis_up: Gauge::default(),
-            said: Family::default(),
-            deliveries: Counter::default(),
-            slow_disconnects: Counter::default(),
-            rejected: Family::default(),
-        };
-        metrics.register(
-            "connections",
-            "Open WebSocket connections on this instance",
-            stats.connections.clone(),
-        );
-        metrics.register(
-            "redis_up",
-            "Whether the Redis pub/sub bus is subscribed (1) or this instance is on its own (0)",
-            stats.redis_up.clone(),
-        );
-        metrics.register(
-            "messages_said",
-            "Messages accepted, by path: redis (every instance) or local (Redis down)",
-            stats.said.clone(),
-        );
-        metrics.register(
-            "deliveries",
-            "Frames queued for a connection by fan-out",
-            stats.deliveries.clone(),
-        );
-        metrics.register(
-            "slow_disconnects",
-            "Connections closed with 1008 because their outbound queue was full",
-            stats.slow_disconnects.clone(),
-        );
-        metrics.register(
-            "frames_rejected",
-            "Client frames answered with an error frame, by code",
-            stats.rejected.clone(),
-        );
-        stats
-    }
-
-    pub fn said(&self, path: &str) {
-        self.said
-            .get_or_create(&PathLabel { path: path.into() })
-            .inc();
-    }
-
-    pub fn rejected(&self, code: &str) {
-        self.rejected
-            .get_or_create(&CodeLabel { code: code.into() })
-            .inc();
-    }
-
-    pub fn delivered(&self, delivery: hub::Delivery) {
-        self.deliveries.inc_by(delivery.queued);
-        self.slow_disconnects.inc_by(delivery.kicked);
-    }
 }
 
 /// One chat instance: its settings, its connections, its view of Redis.
@@ -311,134 +233,11 @@ impl App {
             settings,
         })))
     }
-
-    fn redis_error(&self, err: &redis::RedisError) -> ApiError {
-        if lab_core::redis::is_unavailable(err) {
-            ApiError::unavailable(lab_core::redis::describe(&self.redis_place, err))
-        } else {
-            tracing::error!(%err, "redis command failed");
-            ApiError::internal()
-        }
-    }
-}
-
-pub fn routes(app: App) -> Router {
-    Router::new()
-        .route("/", get(page::index))
-        .route("/chat.js", get(page::script))
-        .route("/chat.css", get(page::style))
-        .route("/ws", get(join))
-        .route("/rooms", get(rooms))
-        .route("/rooms/{room}/messages", get(history))
-        .with_state(app)
-}
-
-#[derive(Deserialize)]
-struct JoinParams {
-    room: Option<String>,
-    name: Option<String>,
-}
-
-/// `GET /ws?room=…&name=…`: checks the names, then upgrades. A bad name is
-/// a 400 here, before the upgrade, where the client can still read why.
-async fn join(
-    State(app): State<App>,
-    Query(params): Query<JoinParams>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Result<Response, ApiError> {
-    if app.shutdown.is_cancelled() {
-        return Err(ApiError::unavailable("shutting down; connect again"));
-    }
-    let room = params.room.unwrap_or_default();
-    let name = params.name.unwrap_or_default();
-    protocol::check_name("room", &room).map_err(ApiError::malformed)?;
-    protocol::check_name("name", &name).map_err(ApiError::malformed)?;
-    let upgrade = upgrade.map_err(|rejection| {
-        ApiError::new(rejection.status(), "not_websocket", rejection.body_text())
-    })?;
-    let token = app.tracker.token();
-    Ok(connection::limits(upgrade)
-        .on_upgrade(move |socket| async move {
-            connection::serve(socket, app, room, name).await;
-            drop(token);
-        })
-        .into_response())
-}
-
-#[derive(Serialize)]
-struct Rooms {
-    rooms: Vec<store::RoomInfo>,
-}
-
-/// `GET /rooms`: every room and its member count, across all instances.
-async fn rooms(State(app): State<App>) -> Result<Json<Rooms>, ApiError> {
-    let rooms = app.store.rooms().await.map_err(|e| app.redis_error(&e))?;
-    Ok(Json(Rooms { rooms }))
-}
-
-#[derive(Deserialize)]
-struct HistoryParams {
-    limit: Option<usize>,
-}
-
-#[derive(Serialize)]
-struct History {
-    room: String,
-    messages: Vec<protocol::Message>,
-}
-
-/// `GET /rooms/{room}/messages?limit=`: the newest messages, oldest first.
-async fn history(
-    State(app): State<App>,
-    Path(room): Path<String>,
-    Query(params): Query<HistoryParams>,
-) -> Result<Json<History>, ApiError> {
-    protocol::check_name("room", &room).map_err(ApiError::malformed)?;
-    let limit = params.limit.unwrap_or(protocol::HISTORY_ON_JOIN);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid("limit", "must be 1–1000"));
-    }
-    let messages = app
-        .store
-        .history(&room, limit)
-        .await
-        .map_err(|e| app.redis_error(&e))?;
-    Ok(Json(History { room, messages }))
-}
-
-/// The chat page: plain HTML, CSS and JavaScript, compiled into the binary.
-mod page {
-    use super::*;
-
-    pub async fn index() -> Response {
-        serve(
-            "text/html; charset=utf-8",
-            include_str!("../static/index.html"),
-        )
-    }
-
-    pub async fn script() -> Response {
-        serve(
-            "text/javascript; charset=utf-8",
-            include_str!("../static/chat.js"),
-        )
-    }
-
-    pub async fn style() -> Response {
-        serve(
-            "text/css; charset=utf-8",
-            include_str!("../static/chat.css"),
-        )
-    }
-
-    fn serve(content_type: &'static str, body: &'static str) -> Response {
-        ([(header::CONTENT_TYPE, content_type)], body).into_response()
-    }
 }
 
 /// Runs one chat instance until `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = bind(&config.settings.http_addr, "CHAT_HTTP_ADDR").await?;
+    let listener = config.settings.http().bind().await?;
     tracing::info!(
         http = %listener.local_addr()?,
         instance = %config.settings.instance,
@@ -459,30 +258,11 @@ pub async fn serve(
     settings.check()?;
     let metrics = Metrics::new("chat");
     let app = App::new(redis_url, settings, &metrics, shutdown.clone())?;
-    // Redis answering is not enough: an instance not yet (or no longer)
-    // subscribed to the bus serves its members alone, and a load balancer
-    // should send new members elsewhere until it is back.
-    let bus = {
-        let app = app.clone();
-        Dependency::new("redis pub/sub", move || {
-            let subscribed = app.redis_up.load(std::sync::atomic::Ordering::SeqCst);
-            async move {
-                if subscribed {
-                    Ok(())
-                } else {
-                    Err(
-                        "not subscribed to the rooms' channels: members here hear only each other"
-                            .into(),
-                    )
-                }
-            }
-        })
-    };
     let dependencies = vec![
         lab_core::redis::dependency(app.store.redis(), redis_url),
-        bus,
+        bus_dependency(app.clone()),
     ];
-    let router = lab_core::http::service_router(routes(app.clone()), dependencies, metrics);
+    let router = lab_core::http::service_router(api::routes(app.clone()), dependencies, metrics);
 
     // The bus and the presence keeper outlive the connections, so every
     // `left` is still announced while they close.
@@ -526,4 +306,23 @@ pub async fn serve(
     .await?;
     tracing::info!("chat stopped");
     Ok(())
+}
+
+/// `/readyz`'s second check. Redis answering is not enough: an instance not
+/// yet (or no longer) subscribed to the bus serves its members alone, and a
+/// load balancer should send new members elsewhere until it is back.
+fn bus_dependency(app: App) -> Dependency {
+    Dependency::new("redis pub/sub", move || {
+        let subscribed = app.redis_up.load(std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if subscribed {
+                Ok(())
+            } else {
+                Err(
+                    "not subscribed to the rooms' channels: members here hear only each other"
+                        .into(),
+                )
+            }
+        }
+    })
 }

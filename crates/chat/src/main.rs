@@ -17,7 +17,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    lab_core::telemetry::init_tracing(&cli.log);
+    lab_core::logging::init_tracing(&cli.log);
     let config = chat::Config {
         redis_url: cli.redis.redis_url,
         settings: cli.settings,

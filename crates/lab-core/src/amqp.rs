@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use lapin::{Connection, ConnectionProperties};
 
-use crate::postgres::{redact, start_hint};
+use crate::config::{redact, start_hint};
 
 /// How long opening a connection (TCP, AMQP handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

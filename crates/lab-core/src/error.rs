@@ -72,6 +72,60 @@ impl ApiError {
     }
 }
 
+/// A call to a backing service failed, sorted once for every lab: either
+/// the service is down (503, and the message names it and says how to start
+/// it) or the call itself went wrong (500 with an opaque body; the cause is
+/// logged here, once). A lab's error enum wraps it, so no lab decides again
+/// which sqlx or redis errors mean "down".
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DependencyError {
+    #[error("{0}")]
+    Down(String),
+    #[error("internal error")]
+    Bug,
+}
+
+impl DependencyError {
+    /// Sorts a Postgres error.
+    pub fn postgres(pool: &sqlx::PgPool, err: &sqlx::Error) -> Self {
+        if crate::postgres::is_unavailable(err) {
+            Self::Down(crate::postgres::describe(pool, err))
+        } else {
+            tracing::error!(%err, "postgres query failed");
+            Self::Bug
+        }
+    }
+
+    /// Sorts a Redis error; `place` is `host:port` ([`crate::redis::where_is`]).
+    pub fn redis(place: &str, err: &redis::RedisError) -> Self {
+        if crate::redis::is_unavailable(err) {
+            Self::Down(crate::redis::describe(place, err))
+        } else {
+            tracing::error!(%err, "redis command failed");
+            Self::Bug
+        }
+    }
+}
+
+impl DependencyError {
+    /// Says first what could not be done, when the service is down.
+    pub fn explain(self, what: &str) -> Self {
+        match self {
+            Self::Down(message) => Self::Down(format!("{what}: {message}")),
+            Self::Bug => Self::Bug,
+        }
+    }
+}
+
+impl From<DependencyError> for ApiError {
+    fn from(err: DependencyError) -> Self {
+        match err {
+            DependencyError::Down(message) => ApiError::unavailable(message),
+            DependencyError::Bug => ApiError::internal(),
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Body<'a> {
     error: Inner<'a>,

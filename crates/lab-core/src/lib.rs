@@ -11,14 +11,15 @@
 //! way by three or more labs, never for a lab's domain types.
 
 pub mod amqp;
+pub mod backoff;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod postgres;
 pub mod proxy;
 pub mod redis;
 pub mod shutdown;
-pub mod telemetry;
 
 pub use error::{ApiError, Json, Query};

@@ -20,7 +20,10 @@ use sqlx::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::http::Dependency;
+use crate::{
+    config::{redact, start_hint},
+    http::Dependency,
+};
 
 /// Every lab's tables, from the workspace's one `migrations/` folder.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
@@ -31,33 +34,39 @@ pub fn connect(url: &str, shutdown: CancellationToken) -> anyhow::Result<PgPool>
     let options: PgConnectOptions = url
         .parse()
         .with_context(|| format!("DATABASE_URL is not a valid Postgres URL: {}", redact(url)))?;
-    let options = options.log_statements(tracing::log::LevelFilter::Debug);
-    let pool = PgPoolOptions::new()
-        .max_connections(16)
-        .acquire_timeout(Duration::from_secs(2))
-        .connect_lazy_with(options);
+    let pool = pool(options);
     let url = url.to_owned();
     let migrating = pool.clone();
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
+            let delay = backoff.next_delay();
             match prepare(&url, &migrating).await {
                 Ok(()) => {
                     tracing::info!(database = %where_is(&migrating), "database ready, migrations applied");
                     return;
                 }
                 Err(err) => {
-                    tracing::warn!("{}; retrying in {backoff:?}", describe(&migrating, &err))
+                    tracing::warn!("{}; retrying in {delay:?}", describe(&migrating, &err))
                 }
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     });
     Ok(pool)
+}
+
+/// A lazily connecting pool with the labs' options: at most 16 connections,
+/// and a two-second wait for one, so a dead database gives a quick 503.
+pub fn pool(options: PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy_with(options.log_statements(tracing::log::LevelFilter::Debug))
 }
 
 async fn prepare(url: &str, pool: &PgPool) -> Result<(), sqlx::Error> {
@@ -149,45 +158,5 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
                 || code == "42P01"
         }),
         _ => false,
-    }
-}
-
-/// How to start a backing service, for "not reachable" messages.
-pub fn start_hint(service: &str) -> String {
-    format!(
-        "start it with `docker compose up -d {service}`, or natively (see the README's \
-         \"Backing services\"), then check with `cargo run -p lab -- doctor`"
-    )
-}
-
-/// The URL with its password replaced by `***`.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn redact_hides_the_password_only() {
-        assert_eq!(
-            redact("postgres://postgres:secret@db:5432/lab"),
-            "postgres://postgres:***@db:5432/lab"
-        );
-        assert_eq!(redact("postgres://db:5432/lab"), "postgres://db:5432/lab");
-        assert_eq!(
-            redact("postgres://user@db:5432/lab"),
-            "postgres://user@db:5432/lab"
-        );
     }
 }

@@ -28,7 +28,7 @@ use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
 };
 
-use crate::{http::Dependency, postgres::start_hint};
+use crate::{config::start_hint, http::Dependency};
 
 pub fn connect(url: &str) -> anyhow::Result<Redis> {
     let config = ConnectionManagerConfig::new()
@@ -152,7 +152,7 @@ pub fn client(url: &str) -> anyhow::Result<redis::Client> {
         .with_context(|| {
             format!(
                 "REDIS_URL is not a valid Redis URL: {}",
-                crate::postgres::redact(url)
+                crate::config::redact(url)
             )
         })?
         // redis-rs leaves Nagle's algorithm on by default: a small command
@@ -189,7 +189,7 @@ pub fn where_is(url: &str) -> String {
             }
             other => format!("{other:?}"),
         },
-        Err(_) => crate::postgres::redact(url),
+        Err(_) => crate::config::redact(url),
     }
 }
 

@@ -56,7 +56,7 @@ async fn outbox(args: OutboxArgs) -> anyhow::Result<()> {
         queue: "lab.chaos.notifications".into(),
         relay_poll_interval_ms: 200,
         relay_lease_retry_ms: 200,
-        ..outbox::Settings::from_env()
+        ..outbox::Settings::from_env()?
     };
     let scenario = Scenario {
         orders: args.orders,

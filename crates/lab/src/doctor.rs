@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use clap::Args;
-use lab_core::config::{AmqpConfig, MqttConfig, PostgresConfig, RedisConfig};
+use lab_core::config::{Listen, Protocol};
+
+use crate::labs::{Backing, Lab, LabSettings};
 use sqlx::{ConnectOptions, postgres::PgConnectOptions};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -16,37 +18,9 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Args)]
 pub struct Doctor {
     #[command(flatten)]
-    postgres: PostgresConfig,
+    backing: Backing,
     #[command(flatten)]
-    redis: RedisConfig,
-    #[command(flatten)]
-    amqp: AmqpConfig,
-    #[command(flatten)]
-    mqtt: MqttConfig,
-    #[command(flatten)]
-    catalog: catalog::Addrs,
-    #[command(flatten)]
-    caching: caching::Settings,
-    #[command(flatten)]
-    outbox: outbox::Settings,
-    #[command(flatten)]
-    chat: chat::Settings,
-    #[command(flatten)]
-    telemetry: telemetry::Settings,
-}
-
-/// How to start each backing service: with compose, or natively (the
-/// commands scripts/services uses).
-fn start_hint(service: &str) -> String {
-    let native = match service {
-        "postgres" => "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
-        "redis" => {
-            "redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save \"\" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log"
-        }
-        "rabbitmq" => "rabbitmq-server -detached",
-        _ => "mosquitto -d -c /etc/mosquitto/mosquitto.conf",
-    };
-    format!("start it with `docker compose up -d {service}`, or natively: {native}")
+    labs: LabSettings,
 }
 
 struct Report {
@@ -68,67 +42,23 @@ pub async fn run(doctor: Doctor) -> anyhow::Result<()> {
     let mut report = Report { problems: 0 };
 
     println!("backing services");
-    check_postgres(&mut report, &doctor.postgres.database_url).await;
-    check_tcp(&mut report, "redis", &doctor.redis.redis_url, 6379).await;
-    check_amqp(&mut report, &doctor.amqp.amqp_url).await;
-    check_tcp(&mut report, "mosquitto", &doctor.mqtt.mqtt_url, 1883).await;
+    check_postgres(&mut report, &doctor.backing.postgres.database_url).await;
+    check_tcp(&mut report, "redis", &doctor.backing.redis.redis_url, 6379).await;
+    check_amqp(&mut report, &doctor.backing.amqp.amqp_url).await;
+    check_tcp(
+        &mut report,
+        "mosquitto",
+        &doctor.backing.mqtt.mqtt_url,
+        1883,
+    )
+    .await;
 
     println!("lab ports");
-    check_port(
-        &mut report,
-        "catalog REST",
-        &doctor.catalog.http_addr,
-        "CATALOG_HTTP_ADDR",
-        Probe::Http,
-    )
-    .await;
-    check_port(
-        &mut report,
-        "catalog gRPC",
-        &doctor.catalog.grpc_addr,
-        "CATALOG_GRPC_ADDR",
-        Probe::Grpc,
-    )
-    .await;
-    check_port(
-        &mut report,
-        "caching",
-        &doctor.caching.http_addr,
-        "CACHING_HTTP_ADDR",
-        Probe::Http,
-    )
-    .await;
-    for (what, addr, variable) in [
-        ("outbox API", &doctor.outbox.http_addr, "OUTBOX_HTTP_ADDR"),
-        (
-            "outbox relay",
-            &doctor.outbox.relay_addr,
-            "OUTBOX_RELAY_ADDR",
-        ),
-        (
-            "outbox consumer",
-            &doctor.outbox.consumer_addr,
-            "OUTBOX_CONSUMER_ADDR",
-        ),
-    ] {
-        check_port(&mut report, what, addr, variable, Probe::Http).await;
+    for lab in Lab::ALL {
+        for listen in lab.listeners(&doctor.labs) {
+            check_port(&mut report, &listen).await;
+        }
     }
-    check_port(
-        &mut report,
-        "chat",
-        &doctor.chat.http_addr,
-        "CHAT_HTTP_ADDR",
-        Probe::Http,
-    )
-    .await;
-    check_port(
-        &mut report,
-        "telemetry",
-        &doctor.telemetry.http_addr,
-        "TELEMETRY_HTTP_ADDR",
-        Probe::Http,
-    )
-    .await;
 
     match report.problems {
         0 => {
@@ -169,12 +99,12 @@ async fn check_postgres(report: &mut Report, url: &str) {
         Ok(Err(err)) => report.fail(
             "postgres",
             &format!("{place}: {err}"),
-            &start_hint("postgres"),
+            &lab_core::config::how_to_start("postgres"),
         ),
         Err(_) => report.fail(
             "postgres",
             &format!("{place}: no answer within {TIMEOUT:?}"),
-            &start_hint("postgres"),
+            &lab_core::config::how_to_start("postgres"),
         ),
     }
 }
@@ -187,7 +117,11 @@ async fn check_amqp(report: &mut Report, url: &str) {
             let _ = connection.close(200, "doctor done".into()).await;
             report.ok("rabbitmq", &format!("{place} accepts AMQP connections"));
         }
-        Err(err) => report.fail("rabbitmq", &err, &start_hint("rabbitmq")),
+        Err(err) => report.fail(
+            "rabbitmq",
+            &err,
+            &lab_core::config::how_to_start("rabbitmq"),
+        ),
     }
 }
 
@@ -212,23 +146,19 @@ async fn check_tcp(report: &mut Report, service: &str, url: &str, default_port: 
         Ok(Err(err)) => report.fail(
             service,
             &format!("{host}:{port}: {err}"),
-            &start_hint(service),
+            &lab_core::config::how_to_start(service),
         ),
         Err(_) => report.fail(
             service,
             &format!("{host}:{port}: no answer within {TIMEOUT:?}"),
-            &start_hint(service),
+            &lab_core::config::how_to_start(service),
         ),
     }
 }
 
-enum Probe {
-    Http,
-    Grpc,
-}
-
 /// A lab port is fine when it is free, or when the lab already serves it.
-async fn check_port(report: &mut Report, what: &str, addr: &str, variable: &str, probe: Probe) {
+async fn check_port(report: &mut Report, listen: &Listen) {
+    let (what, addr, variable) = (listen.name, listen.addr.as_str(), listen.variable);
     let Some(port) = addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) else {
         return report.fail(
             what,
@@ -239,9 +169,9 @@ async fn check_port(report: &mut Report, what: &str, addr: &str, variable: &str,
     if TcpListener::bind(addr).await.is_ok() {
         return report.ok(what, &format!(":{port} is free"));
     }
-    let served = match probe {
-        Probe::Http => http_healthz(port).await,
-        Probe::Grpc => grpc_health(port).await,
+    let served = match listen.protocol {
+        Protocol::Http => http_healthz(port).await,
+        Protocol::Grpc => grpc_health(port).await,
     };
     if served {
         report.ok(

@@ -9,6 +9,7 @@
 mod bench;
 mod chaos;
 mod doctor;
+mod labs;
 mod scratch;
 mod sim;
 mod up;
@@ -57,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
         // brings the logs back.
         cli.log.filter = "error,lapin=off,outbox=off".into();
     }
-    lab_core::telemetry::init_tracing(&cli.log);
+    lab_core::logging::init_tracing(&cli.log);
     match cli.command {
         Command::Up(up) => up::run(up).await,
         Command::Bench(bench) => bench.run().await,

@@ -30,7 +30,7 @@ pub async fn database(
                 "Postgres is not reachable at {}:{}; {}",
                 options.get_host(),
                 options.get_port(),
-                lab_core::postgres::start_hint("postgres")
+                lab_core::config::start_hint("postgres")
             )
         })?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(

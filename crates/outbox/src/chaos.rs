@@ -18,12 +18,16 @@ use lab_core::{metrics::Metrics, proxy::Proxy};
 use lapin::{options::QueueDeclareOptions, types::FieldTable};
 use serde::Serialize;
 use sqlx::PgPool;
-use tokio::{task::JoinSet, time::Instant};
+use tokio::{
+    sync::mpsc,
+    task::{JoinHandle, JoinSet},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     Settings,
-    consumer::Consumer,
+    consumer::{Consumer, ConsumerStats},
     orders::{Delivery, Item, NewOrder, Orders},
     relay::Relay,
 };
@@ -88,21 +92,7 @@ pub async fn run(
     progress: impl Fn(Progress),
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let broker = url::Url::parse(amqp_url).context("AMQP_URL is not a URL")?;
-    let target = lab_core::amqp::where_is(amqp_url);
-    let proxy = Proxy::start(&target)
-        .await
-        .context("cannot start the proxy")?;
-    let mut proxied = broker.clone();
-    proxied
-        .set_host(Some("127.0.0.1"))
-        .and_then(|()| {
-            proxied
-                .set_port(Some(proxy.addr.port()))
-                .map_err(|()| url::ParseError::InvalidPort)
-        })
-        .context("cannot point AMQP_URL at the proxy")?;
-    let proxied = proxied.to_string();
+    let (proxy, proxied) = proxy_to(amqp_url).await?;
 
     let metrics = Metrics::new("outbox_chaos");
     let stop = CancellationToken::new();
@@ -119,10 +109,63 @@ pub async fn run(
     services.spawn(relay.run(stop.clone()));
     services.spawn(consumer.run(stop.clone()));
     let _stop_on_exit = stop.clone().drop_guard();
+    wait_for_consumer(&consumer_stats, amqp_url).await?;
 
-    // Until the consumer's queue exists, published events have nowhere to go.
+    let proxy = Arc::new(proxy);
+    let (cutter, mut cut_rx) = spawn_cutter(proxy.clone(), &scenario);
+    let failed_requests = create_orders(&orders, &scenario, &mut cut_rx, &progress).await;
+    cutter.await.context("the proxy cutter panicked")?;
+    while let Ok(event) = cut_rx.try_recv() {
+        progress(event);
+    }
+    proxy.restore();
+
+    let inspector = settle(
+        &pool,
+        amqp_url,
+        &settings,
+        &scenario,
+        &consumer_stats,
+        &progress,
+    )
+    .await?;
+    let paths = count_paths(&pool, &consumer_stats).await?;
+    lab_core::amqp::close(&inspector, "chaos settled").await;
+    stop.cancel();
+    while services.join_next().await.is_some() {}
+    Ok(Report {
+        paths,
+        cuts: scenario.cuts,
+        outage_ms: scenario.outage.as_millis(),
+        failed_requests,
+        elapsed_ms: started.elapsed().as_millis(),
+    })
+}
+
+/// Starts the TCP proxy in front of the broker; returns it and `amqp_url`
+/// pointed at it.
+async fn proxy_to(amqp_url: &str) -> anyhow::Result<(Proxy, String)> {
+    let broker = url::Url::parse(amqp_url).context("AMQP_URL is not a URL")?;
+    let target = lab_core::amqp::where_is(amqp_url);
+    let proxy = Proxy::start(&target)
+        .await
+        .context("cannot start the proxy")?;
+    let mut proxied = broker.clone();
+    proxied
+        .set_host(Some("127.0.0.1"))
+        .and_then(|()| {
+            proxied
+                .set_port(Some(proxy.addr.port()))
+                .map_err(|()| url::ParseError::InvalidPort)
+        })
+        .context("cannot point AMQP_URL at the proxy")?;
+    Ok((proxy, proxied.to_string()))
+}
+
+/// Until the consumer's queue exists, published events have nowhere to go.
+async fn wait_for_consumer(consumer: &ConsumerStats, amqp_url: &str) -> anyhow::Result<()> {
     let ready_by = Instant::now() + Duration::from_secs(10);
-    while !consumer_stats.connected() {
+    while !consumer.connected() {
         anyhow::ensure!(
             Instant::now() < ready_by,
             "{}",
@@ -130,28 +173,42 @@ pub async fn run(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(())
+}
 
-    // The outages, spread evenly over the run.
+/// The outages, spread evenly over the run; each cut and restore is also
+/// sent on the returned channel, for the progress display.
+fn spawn_cutter(
+    proxy: Arc<Proxy>,
+    scenario: &Scenario,
+) -> (JoinHandle<()>, mpsc::UnboundedReceiver<Progress>) {
     let run_for = Duration::from_secs_f64(scenario.orders as f64 / scenario.rate);
-    let proxy = Arc::new(proxy);
-    let (cut_tx, mut cut_rx) = tokio::sync::mpsc::unbounded_channel();
-    let cutter = {
-        let (proxy, scenario) = (proxy.clone(), scenario.clone());
-        tokio::spawn(async move {
-            let begin = Instant::now();
-            for n in 1..=scenario.cuts {
-                let at = run_for.mul_f64(n as f64 / (scenario.cuts + 1) as f64);
-                let at = at.saturating_sub(scenario.outage / 2);
-                tokio::time::sleep_until(begin + at).await;
-                proxy.cut();
-                let _ = cut_tx.send(Progress::Cut(n));
-                tokio::time::sleep(scenario.outage).await;
-                proxy.restore();
-                let _ = cut_tx.send(Progress::Restored(n));
-            }
-        })
-    };
+    let (cut_tx, cut_rx) = mpsc::unbounded_channel();
+    let scenario = scenario.clone();
+    let cutter = tokio::spawn(async move {
+        let begin = Instant::now();
+        for n in 1..=scenario.cuts {
+            let at = run_for.mul_f64(n as f64 / (scenario.cuts + 1) as f64);
+            let at = at.saturating_sub(scenario.outage / 2);
+            tokio::time::sleep_until(begin + at).await;
+            proxy.cut();
+            let _ = cut_tx.send(Progress::Cut(n));
+            tokio::time::sleep(scenario.outage).await;
+            proxy.restore();
+            let _ = cut_tx.send(Progress::Restored(n));
+        }
+    });
+    (cutter, cut_rx)
+}
 
+/// Creates the orders at the scenario's rate, alternating the two paths,
+/// and waits for every request; returns how many failed.
+async fn create_orders(
+    orders: &Orders,
+    scenario: &Scenario,
+    cut_rx: &mut mpsc::UnboundedReceiver<Progress>,
+    progress: &impl Fn(Progress),
+) -> usize {
     let mut requests = JoinSet::new();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / scenario.rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -177,16 +234,22 @@ pub async fn run(
             failed_requests += 1;
         }
     }
-    cutter.await.context("the proxy cutter panicked")?;
-    while let Ok(event) = cut_rx.try_recv() {
-        progress(event);
-    }
-    proxy.restore();
+    failed_requests
+}
 
-    // Settled: nothing pending in the outbox, nothing waiting in the queue
-    // (asked of the broker directly, not through the proxy), the consumer
-    // connected (a reconnecting consumer leaves its queue untouched) and
-    // quiet for a second.
+/// Waits until the pipeline has settled: nothing pending in the outbox,
+/// nothing waiting in the queue (asked of the broker directly, not through
+/// the proxy), the consumer connected (a reconnecting consumer leaves its
+/// queue untouched) and quiet for a second. Returns the inspector's
+/// connection, for the caller to close.
+async fn settle(
+    pool: &PgPool,
+    amqp_url: &str,
+    settings: &Settings,
+    scenario: &Scenario,
+    consumer: &ConsumerStats,
+    progress: &impl Fn(Progress),
+) -> anyhow::Result<lapin::Connection> {
     let inspector = lab_core::amqp::connect(amqp_url, "outbox-chaos-inspector")
         .await
         .map_err(anyhow::Error::msg)?;
@@ -199,29 +262,19 @@ pub async fn run(
     loop {
         let pending: i64 =
             sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                .fetch_one(&pool)
+                .fetch_one(pool)
                 .await?;
         let handled: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications")
-            .fetch_one(&pool)
+            .fetch_one(pool)
             .await?;
-        let queued = lab_core::amqp::bounded(inspect.queue_declare(
-            settings.queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        ))
-        .await
-        .map_err(anyhow::Error::msg)?
-        .message_count();
+        let queued = queued_messages(&inspect, &settings.queue).await?;
         progress(Progress::Settling { pending });
         if (pending, handled) != last {
             last = (pending, handled);
             quiet_since = Instant::now();
         } else if pending == 0
             && queued == 0
-            && consumer_stats.connected()
+            && consumer.connected()
             && quiet_since.elapsed() >= Duration::from_secs(1)
         {
             break;
@@ -235,7 +288,26 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(inspector)
+}
 
+/// How many messages wait in `queue`, by a passive declare.
+async fn queued_messages(inspect: &lapin::Channel, queue: &str) -> anyhow::Result<u32> {
+    Ok(lab_core::amqp::bounded(inspect.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    ))
+    .await
+    .map_err(anyhow::Error::msg)?
+    .message_count())
+}
+
+/// Per path: orders committed, and how many of them reached the consumer.
+async fn count_paths(pool: &PgPool, consumer: &ConsumerStats) -> anyhow::Result<Vec<PathReport>> {
     let mut paths = Vec::new();
     for delivery in [Delivery::DualWrite, Delivery::Outbox] {
         let path = delivery.as_str();
@@ -246,26 +318,17 @@ pub async fn run(
              FROM orders o WHERE o.delivery = $1",
         )
         .bind(path)
-        .fetch_one(&pool)
+        .fetch_one(pool)
         .await?;
         paths.push(PathReport {
             path,
             committed,
             delivered,
             lost: committed - delivered,
-            duplicates_suppressed: consumer_stats.duplicates(path),
+            duplicates_suppressed: consumer.duplicates(path),
         });
     }
-    lab_core::amqp::close(&inspector, "chaos settled").await;
-    stop.cancel();
-    while services.join_next().await.is_some() {}
-    Ok(Report {
-        paths,
-        cuts: scenario.cuts,
-        outage_ms: scenario.outage.as_millis(),
-        failed_requests,
-        elapsed_ms: started.elapsed().as_millis(),
-    })
+    Ok(paths)
 }
 
 fn sample_order(i: usize) -> NewOrder {

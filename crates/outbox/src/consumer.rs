@@ -20,7 +20,6 @@
 use std::{
     hash::{Hash, Hasher},
     sync::Arc,
-    time::Duration,
 };
 
 use axum::{Router, extract::State, routing::get};
@@ -49,6 +48,7 @@ use crate::{
     Settings,
     events::{self, Event, ORDER_CANCELLED, ORDER_CREATED},
 };
+use lab_core::backoff::Backoff;
 
 /// Deliveries handled side by side (one order's events always share a lane).
 const LANES: usize = 4;
@@ -176,7 +176,7 @@ impl Consumer {
     /// Consumes until `shutdown` fires, reconnecting with backoff whenever
     /// the broker connection breaks.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::reconnect();
         while !shutdown.is_cancelled() {
             let mut connected = false;
             match self.consume_until_broken(&shutdown, &mut connected).await {
@@ -184,14 +184,14 @@ impl Consumer {
                 Err(err) => {
                     if connected {
                         // It worked until it broke: start the backoff over.
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                     }
-                    tracing::warn!("consumer: {err}; reconnecting in {backoff:?}");
+                    let delay = backoff.next_delay();
+                    tracing::warn!("consumer: {err}; reconnecting in {delay:?}");
                     tokio::select! {
                         () = shutdown.cancelled() => {}
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -327,7 +327,7 @@ impl Consumer {
         order: &OrderData,
         shutdown: &CancellationToken,
     ) -> Outcome {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::reconnect();
         loop {
             match self.record_once(event, order).await {
                 Ok(true) => return Outcome::Handled,
@@ -337,15 +337,15 @@ impl Consumer {
                     );
                 }
                 Err(err) if lab_core::postgres::is_unavailable(&err) => {
+                    let delay = backoff.next_delay();
                     tracing::warn!(
-                        "{}; retrying in {backoff:?}",
+                        "{}; retrying in {delay:?}",
                         lab_core::postgres::describe(&self.pool, &err)
                     );
                     tokio::select! {
                         () = shutdown.cancelled() => return Outcome::Abandoned,
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Err(err) => return Outcome::Failed(err.to_string()),
             }
@@ -462,12 +462,9 @@ struct Api {
 async fn notifications(
     State(api): State<Api>,
     Query(query): Query<NotificationQuery>,
-) -> Result<Json<Vec<Notification>>, lab_core::ApiError> {
+) -> crate::Result<Json<Vec<Notification>>> {
     if !(1..=1000).contains(&query.limit) {
-        return Err(lab_core::ApiError::invalid(
-            "limit",
-            "must be between 1 and 1000",
-        ));
+        return Err(crate::invalid("limit", "must be between 1 and 1000"));
     }
     let rows = sqlx::query_as(
         "SELECT * FROM (SELECT * FROM notifications \
@@ -478,7 +475,7 @@ async fn notifications(
     .bind(query.limit)
     .fetch_all(&api.pool)
     .await
-    .map_err(|err| crate::ApiError::from(crate::pg_error(&api.pool, err)))?;
+    .map_err(|err| crate::pg_error(&api.pool, err))?;
     Ok(Json(rows))
 }
 
@@ -504,16 +501,7 @@ pub async fn serve(
             pool: pool.clone(),
             stats: consumer.stats(),
         });
-    let router = lab_core::http::service_router(
-        routes,
-        vec![
-            lab_core::postgres::dependency(pool),
-            crate::broker_dependency(amqp_url),
-        ],
-        metrics,
-    );
-    let http = lab_core::http::serve(listener, router, shutdown.clone());
-    let (http, consumer) = tokio::join!(http, consumer.run(shutdown));
-    http?;
-    consumer
+    let worker = consumer.run(shutdown.clone());
+    let worker = crate::Worker::new("consumer", worker, pool, amqp_url, metrics);
+    worker.serve(listener, routes, shutdown).await
 }

@@ -28,8 +28,9 @@ pub mod orders;
 pub mod relay;
 
 use clap::ValueEnum;
-use lab_core::ApiError;
+use futures::future::BoxFuture;
 pub use lab_core::config::Switch;
+use lab_core::{ApiError, config::Listen, error::DependencyError};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -123,9 +124,31 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The settings as the environment and the defaults give them.
-    pub fn from_env() -> Self {
+    /// The settings as the environment and the defaults give them; callers
+    /// change what they need with struct update syntax.
+    pub fn from_env() -> anyhow::Result<Self> {
         lab_core::config::from_env()
+    }
+
+    pub fn api(&self) -> Listen {
+        Listen::http("outbox API", &self.http_addr, "OUTBOX_HTTP_ADDR")
+    }
+
+    pub fn relay(&self) -> Listen {
+        Listen::http("outbox relay", &self.relay_addr, "OUTBOX_RELAY_ADDR")
+    }
+
+    pub fn consumer(&self) -> Listen {
+        Listen::http(
+            "outbox consumer",
+            &self.consumer_addr,
+            "OUTBOX_CONSUMER_ADDR",
+        )
+    }
+
+    /// Every address the outbox lab listens on (all three roles).
+    pub fn listeners(&self) -> Vec<Listen> {
+        vec![self.api(), self.relay(), self.consumer()]
     }
 }
 
@@ -160,10 +183,9 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("{0}")]
-    PostgresDown(String),
-    #[error("internal error")]
-    Internal,
+    /// Postgres is down (503), or a query failed (500).
+    #[error(transparent)]
+    Dependency(#[from] DependencyError),
 }
 
 impl From<Error> for ApiError {
@@ -172,8 +194,7 @@ impl From<Error> for ApiError {
             Error::Invalid { field, message } => ApiError::invalid(field, message),
             Error::NotFound(m) => ApiError::not_found(m),
             Error::Conflict(m) => ApiError::conflict(m),
-            Error::PostgresDown(m) => ApiError::unavailable(m),
-            Error::Internal => ApiError::internal(),
+            Error::Dependency(err) => err.into(),
         }
     }
 }
@@ -195,12 +216,7 @@ pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Error 
 
 /// Maps a Postgres error: down is 503, anything else is logged and opaque.
 pub(crate) fn pg_error(pool: &PgPool, err: sqlx::Error) -> Error {
-    if lab_core::postgres::is_unavailable(&err) {
-        Error::PostgresDown(lab_core::postgres::describe(pool, &err))
-    } else {
-        tracing::error!(%err, "postgres query failed");
-        Error::Internal
-    }
+    DependencyError::postgres(pool, &err).into()
 }
 
 /// Runs the chosen parts until `shutdown` fires.
@@ -211,7 +227,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let settings = config.settings;
     let mut tasks: Vec<(&'static str, futures::future::BoxFuture<'static, _>)> = Vec::new();
     if wants(Role::Api) {
-        let listener = lab_core::http::bind(&settings.http_addr, "OUTBOX_HTTP_ADDR").await?;
+        let listener = settings.api().bind().await?;
         tracing::info!(http = %listener.local_addr()?, "outbox API listening");
         let api = orders::serve(
             listener,
@@ -223,7 +239,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tasks.push(("orders API", Box::pin(api)));
     }
     if wants(Role::Relay) {
-        let listener = lab_core::http::bind(&settings.relay_addr, "OUTBOX_RELAY_ADDR").await?;
+        let listener = settings.relay().bind().await?;
         tracing::info!(http = %listener.local_addr()?, "outbox relay listening");
         let relay = relay::serve(
             listener,
@@ -235,8 +251,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tasks.push(("relay", Box::pin(relay)));
     }
     if wants(Role::Consumer) {
-        let listener =
-            lab_core::http::bind(&settings.consumer_addr, "OUTBOX_CONSUMER_ADDR").await?;
+        let listener = settings.consumer().bind().await?;
         tracing::info!(http = %listener.local_addr()?, "outbox consumer listening");
         let consumer = consumer::serve(
             listener,
@@ -253,6 +268,55 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 /// The `/readyz` check for RabbitMQ: a connection opens (and is closed again).
+/// The relay or the consumer: a loop that talks to Postgres and RabbitMQ,
+/// served next to an HTTP port of its own (its routes, `/healthz`, `/readyz`
+/// naming both, `/metrics`) and supervised with it: either stopping stops
+/// the other.
+pub(crate) struct Worker {
+    name: &'static str,
+    work: BoxFuture<'static, anyhow::Result<()>>,
+    dependencies: Vec<lab_core::http::Dependency>,
+    metrics: std::sync::Arc<lab_core::metrics::Metrics>,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        name: &'static str,
+        work: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+        pool: PgPool,
+        amqp_url: String,
+        metrics: std::sync::Arc<lab_core::metrics::Metrics>,
+    ) -> Self {
+        Self {
+            name,
+            work: Box::pin(work),
+            dependencies: vec![
+                lab_core::postgres::dependency(pool),
+                broker_dependency(amqp_url),
+            ],
+            metrics,
+        }
+    }
+
+    pub(crate) async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        routes: axum::Router,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let router = lab_core::http::service_router(routes, self.dependencies, self.metrics);
+        let http = lab_core::http::serve(listener, router, shutdown.clone());
+        lab_core::shutdown::supervise(
+            &shutdown,
+            vec![
+                ("HTTP server", Box::pin(async move { Ok(http.await?) })),
+                (self.name, self.work),
+            ],
+        )
+        .await
+    }
+}
+
 pub(crate) fn broker_dependency(amqp_url: String) -> lab_core::http::Dependency {
     lab_core::http::Dependency::new("rabbitmq", move || {
         let url = amqp_url.clone();

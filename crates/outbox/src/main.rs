@@ -23,7 +23,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    lab_core::telemetry::init_tracing(&cli.log);
+    lab_core::logging::init_tracing(&cli.log);
     let config = outbox::Config {
         database_url: cli.postgres.database_url,
         amqp_url: cli.amqp.amqp_url,

@@ -546,10 +546,7 @@ pub fn pool_for_writes(pool: &PgPool, notify: Switch) -> PgPool {
             let options = (*pool.connect_options())
                 .clone()
                 .options([("outbox.notify", "off")]);
-            sqlx::postgres::PgPoolOptions::new()
-                .max_connections(16)
-                .acquire_timeout(std::time::Duration::from_secs(2))
-                .connect_lazy_with(options)
+            lab_core::postgres::pool(options)
         }
     }
 }

@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{Settings, events};
+use lab_core::backoff::Backoff;
 
 /// The advisory lock key all relays of one database contend for ("outbox").
 const LEADER_LOCK: i64 = 0x6f75_7462_6f78;
@@ -51,7 +52,6 @@ const LEADER_LOCK: i64 = 0x6f75_7462_6f78;
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the leader deletes published rows older than the retention.
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 enum RelayError {
@@ -150,15 +150,16 @@ impl Relay {
     /// Stands by, leads when elected, and starts over after any failure,
     /// until `shutdown` fires.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::reconnect();
         while !shutdown.is_cancelled() {
             match self.stand_by_then_lead(&shutdown).await {
                 Ok(()) => backoff.reset(),
                 Err(err) => {
-                    tracing::warn!(relay = %self.state.id, "relay lost the lead: {err}; retrying in {:?}", backoff.peek());
+                    let delay = backoff.next_delay();
+                    tracing::warn!(relay = %self.state.id, "relay lost the lead: {err}; retrying in {delay:?}");
                     tokio::select! {
                         () = shutdown.cancelled() => {}
-                        () = backoff.wait() => {}
+                        () = tokio::time::sleep(delay) => {}
                     }
                 }
             }
@@ -198,7 +199,7 @@ impl Relay {
     ) -> Result<(), RelayError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen("outbox").await?;
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::reconnect();
         loop {
             let connected = self.connect().await;
             let failure = match connected {
@@ -218,10 +219,11 @@ impl Relay {
                 }
                 Err(err) => err,
             };
-            tracing::warn!(relay = %self.state.id, "{failure}; reconnecting in {:?}", backoff.peek());
+            let delay = backoff.next_delay();
+            tracing::warn!(relay = %self.state.id, "{failure}; reconnecting in {delay:?}");
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                () = backoff.wait() => {}
+                () = tokio::time::sleep(delay) => {}
             }
         }
     }
@@ -378,35 +380,6 @@ impl Relay {
     }
 }
 
-/// Exponential backoff from 100 ms to 5 s.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            next: Duration::from_millis(100),
-        }
-    }
-}
-
-impl Backoff {
-    fn peek(&self) -> Duration {
-        self.next
-    }
-
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.next).await;
-        self.next = (self.next * 2).min(MAX_BACKOFF);
-    }
-
-    fn reset(&mut self) {
-        *self = Self::default();
-    }
-}
-
 async fn status(State(state): State<Arc<RelayState>>) -> Json<RelayStatus> {
     Json(state.status())
 }
@@ -425,16 +398,7 @@ pub async fn serve(
     let routes = Router::new()
         .route("/status", get(status))
         .with_state(relay.state());
-    let router = lab_core::http::service_router(
-        routes,
-        vec![
-            lab_core::postgres::dependency(pool),
-            crate::broker_dependency(amqp_url),
-        ],
-        metrics,
-    );
-    let http = lab_core::http::serve(listener, router, shutdown.clone());
-    let (http, relay) = tokio::join!(http, relay.run(shutdown));
-    http?;
-    relay
+    let worker = relay.run(shutdown.clone());
+    let worker = crate::Worker::new("relay", worker, pool, amqp_url, metrics);
+    worker.serve(listener, routes, shutdown).await
 }

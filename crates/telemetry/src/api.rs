@@ -18,7 +18,7 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
-use lab_core::{ApiError, Json, Query};
+use lab_core::{ApiError, Json, Query, error::DependencyError};
 use rumqttc::v5::mqttbytes::QoS;
 use serde::{Deserialize, Serialize};
 
@@ -38,19 +38,57 @@ pub fn routes(app: App) -> Router {
         .with_state(app)
 }
 
-impl App {
-    fn db_error(&self, err: sqlx::Error) -> ApiError {
-        if lab_core::postgres::is_unavailable(&err) {
-            ApiError::unavailable(lab_core::postgres::describe(&self.pool, &err))
-        } else {
-            tracing::error!(%err, "postgres query failed");
-            ApiError::internal()
+/// Everything the API can answer with besides success, mapped once to the
+/// lab's JSON error body.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    /// The command could not be sent (the broker is away, the client busy).
+    #[error("{0}")]
+    NotSent(String),
+    /// Postgres is down (503), or a query failed (500).
+    #[error(transparent)]
+    Dependency(#[from] DependencyError),
+}
+
+impl From<Error> for ApiError {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Invalid { field, message } => ApiError::invalid(field, message),
+            Error::NotFound(message) => ApiError::not_found(message),
+            Error::NotSent(message) => ApiError::unavailable(message),
+            Error::Dependency(err) => err.into(),
         }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        ApiError::from(self).into_response()
+    }
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> Error {
+    Error::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+impl App {
+    fn db_error(&self, err: sqlx::Error) -> Error {
+        DependencyError::postgres(&self.pool, &err).into()
     }
 
     /// 404 unless the device has reported (a status or a reading).
-    async fn known_device(&self, id: &str) -> Result<(), ApiError> {
-        check_device_id(id).map_err(|m| ApiError::invalid("id", m))?;
+    async fn known_device(&self, id: &str) -> Result<(), Error> {
+        check_device_id(id).map_err(|m| invalid("id", m))?;
         let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1)")
             .bind(id)
             .fetch_one(&self.pool)
@@ -59,9 +97,7 @@ impl App {
         if known {
             Ok(())
         } else {
-            Err(ApiError::not_found(format!(
-                "no device {id:?} has reported"
-            )))
+            Err(Error::NotFound(format!("no device {id:?} has reported")))
         }
     }
 }
@@ -122,7 +158,7 @@ async fn load_devices(app: &App) -> Result<Vec<Device>, sqlx::Error> {
 }
 
 /// `GET /devices`: every device that has reported, with its latest reading.
-async fn devices(State(app): State<App>) -> Result<Json<Vec<Device>>, ApiError> {
+async fn devices(State(app): State<App>) -> Result<Json<Vec<Device>>, Error> {
     Ok(Json(load_devices(&app).await.map_err(|e| app.db_error(e))?))
 }
 
@@ -137,11 +173,11 @@ async fn readings(
     State(app): State<App>,
     Path(id): Path<String>,
     Query(params): Query<ReadingsParams>,
-) -> Result<Json<Vec<LastReading>>, ApiError> {
+) -> Result<Json<Vec<LastReading>>, Error> {
     app.known_device(&id).await?;
     let limit = params.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid("limit", "must be 1–1000"));
+        return Err(invalid("limit", "must be 1–1000"));
     }
     let rows: Vec<LastReading> = sqlx::query_as(
         "SELECT seq, ts, temperature_c, humidity_pct, battery_pct FROM readings \
@@ -177,14 +213,11 @@ async fn stats(
     State(app): State<App>,
     Path(id): Path<String>,
     Query(params): Query<StatsParams>,
-) -> Result<Json<Stats>, ApiError> {
+) -> Result<Json<Stats>, Error> {
     app.known_device(&id).await?;
     let window_secs = params.window_secs.unwrap_or(300);
     if !(1..=30 * 86_400).contains(&window_secs) {
-        return Err(ApiError::invalid(
-            "window_secs",
-            "must be 1–2592000 (30 days)",
-        ));
+        return Err(invalid("window_secs", "must be 1–2592000 (30 days)"));
     }
     let (count, min_c, max_c, mean_c): (i64, Option<f64>, Option<f64>, Option<f64>) =
         sqlx::query_as(
@@ -231,9 +264,9 @@ async fn send_command(
     State(app): State<App>,
     Path(id): Path<String>,
     Json(body): Json<NewCommand>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     if !SETPOINT_RANGE.contains(&body.setpoint_c) {
-        return Err(ApiError::invalid("setpoint_c", "must be 5–35"));
+        return Err(invalid("setpoint_c", "must be 5–35"));
     }
     app.known_device(&id).await?;
     let command = Command {
@@ -251,7 +284,7 @@ async fn send_command(
     // the client's memory, and be gone with a restart. So 503 instead, and
     // the row stays `pending` (never sent) for the record.
     if !app.mqtt_up() {
-        return Err(ApiError::unavailable(format!(
+        return Err(Error::NotSent(format!(
             "the command was not sent: the broker at {} is not reachable",
             app.broker.place()
         )));
@@ -261,7 +294,7 @@ async fn send_command(
         .try_publish(app.topics.commands(&id), QoS::AtLeastOnce, false, payload)
         .map_err(|err| {
             tracing::warn!(%err, "cannot queue a command");
-            ApiError::unavailable("the command was not sent: the MQTT client is busy; try again")
+            Error::NotSent("the command was not sent: the MQTT client is busy; try again".into())
         })?;
     let body = serde_json::json!({"command_id": command.command_id, "status": "pending"});
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
@@ -271,10 +304,10 @@ async fn send_command(
 async fn command(
     State(app): State<App>,
     Path(id): Path<String>,
-) -> Result<Json<CommandView>, ApiError> {
+) -> Result<Json<CommandView>, Error> {
     let id: uuid::Uuid = id
         .parse()
-        .map_err(|_| ApiError::invalid("id", "not a command id (a UUID)"))?;
+        .map_err(|_| invalid("id", "not a command id (a UUID)"))?;
     sqlx::query_as(
         "SELECT id AS command_id, device_id, setpoint_c, status, created_at, acked_at \
          FROM commands WHERE id = $1",
@@ -284,7 +317,7 @@ async fn command(
     .await
     .map_err(|e| app.db_error(e))?
     .map(Json)
-    .ok_or_else(|| ApiError::not_found(format!("no command {id}")))
+    .ok_or_else(|| Error::NotFound(format!("no command {id}")))
 }
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -299,7 +332,7 @@ struct AlertView {
 }
 
 /// `GET /alerts`: newest first, the last 100.
-async fn alerts(State(app): State<App>) -> Result<Json<Vec<AlertView>>, ApiError> {
+async fn alerts(State(app): State<App>) -> Result<Json<Vec<AlertView>>, Error> {
     let rows = sqlx::query_as(
         "SELECT device_id, seq, temperature_c, threshold_c, readings, ts, created_at \
          FROM alerts ORDER BY created_at DESC, id DESC LIMIT 100",

@@ -20,8 +20,10 @@ use std::{
     time::Duration,
 };
 
+use lab_core::backoff::Backoff;
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, LastWill, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Packet, QoS};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -67,7 +69,7 @@ pub struct Device {
     pub id: String,
     stop: CancellationToken,
     ending: Arc<Mutex<Ending>>,
-    task: tokio::task::JoinHandle<()>,
+    task: JoinHandle<()>,
 }
 
 impl Device {
@@ -129,85 +131,128 @@ async fn run(
     ending: Arc<Mutex<Ending>>,
 ) {
     let status = topics.status(&spec.id);
-    let mut options = broker.v4_options(&spec.id);
-    options.set_last_will(LastWill::new(&status, "offline", QoS::AtLeastOnce, true));
+    let (client, eventloop) = connect(&broker, &spec.id, &status);
+    let events = Events {
+        client: client.clone(),
+        topics: topics.clone(),
+        id: spec.id.clone(),
+        counters: counters.clone(),
+        setpoint: Arc::new(Mutex::new(21.0_f64)),
+    };
+    let setpoint = events.setpoint.clone();
+    let poll = tokio::spawn(events.poll(eventloop));
+    send_readings(&client, &topics, &spec, &counters, &setpoint, &stop).await;
+    let ending = *ending.lock().expect("ending lock");
+    end(ending, &client, status, poll).await;
+}
+
+/// The device's MQTT client, with its last will: a retained `offline` on
+/// its status topic.
+fn connect(broker: &Broker, id: &str, status: &str) -> (AsyncClient, EventLoop) {
+    let mut options = broker.v4_options(id);
+    options.set_last_will(LastWill::new(status, "offline", QoS::AtLeastOnce, true));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let mut network = rumqttc::NetworkOptions::new();
     network.set_tcp_nodelay(true);
     eventloop.set_network_options(network);
-    let setpoint = Arc::new(Mutex::new(21.0_f64));
+    (client, eventloop)
+}
 
-    let poll = {
-        let (client, topics, id, counters) = (
-            client.clone(),
-            topics.clone(),
-            spec.id.clone(),
-            counters.clone(),
-        );
-        let setpoint = setpoint.clone();
-        async move {
-            let mut backoff = Duration::from_millis(100);
-            let mut connected = false;
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        backoff = Duration::from_millis(100);
-                        if !connected {
-                            connected = true;
-                            counters.connected.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let (client, status, commands) =
-                            (client.clone(), topics.status(&id), topics.commands(&id));
-                        tokio::spawn(async move {
-                            let _ = client
-                                .publish(status, QoS::AtLeastOnce, true, "online")
-                                .await;
-                            let _ = client.subscribe(commands, QoS::AtLeastOnce).await;
-                        });
+/// What the event loop's task needs to answer incoming packets.
+struct Events {
+    client: AsyncClient,
+    topics: Topics,
+    id: String,
+    counters: Arc<Counters>,
+    /// Where commands move the temperature to; readings drift toward it.
+    setpoint: Arc<Mutex<f64>>,
+}
+
+impl Events {
+    /// Polls the event loop until the device disconnects, reconnecting with
+    /// backoff after a failure (rumqttc reconnects on the next poll).
+    async fn poll(self, mut eventloop: EventLoop) {
+        let mut backoff = Backoff::reconnect();
+        let mut connected = false;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff.reset();
+                    if !connected {
+                        connected = true;
+                        self.counters.connected.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(Event::Incoming(Packet::Publish(publish))) => {
-                        let Ok(command) = serde_json::from_slice::<Command>(&publish.payload)
-                        else {
-                            tracing::warn!(device = %id, "ignoring a malformed command");
-                            continue;
-                        };
-                        *setpoint.lock().expect("setpoint lock") = command.setpoint_c;
-                        counters.commands.fetch_add(1, Ordering::Relaxed);
-                        let ack = Ack {
-                            command_id: command.command_id,
-                            device_id: id.clone(),
-                            setpoint_c: command.setpoint_c,
-                        };
-                        let (client, topic) = (client.clone(), topics.acks(&id));
-                        tokio::spawn(async move {
-                            let payload = serde_json::to_vec(&ack).expect("acks serialise");
-                            let _ = client
-                                .publish(topic, QoS::AtLeastOnce, false, payload)
-                                .await;
-                        });
+                    self.on_connected();
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => self.on_command(&publish.payload),
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                    if connected {
+                        self.counters.connected.fetch_sub(1, Ordering::Relaxed);
                     }
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                        if connected {
-                            counters.connected.fetch_sub(1, Ordering::Relaxed);
-                        }
-                        break;
+                    break;
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    if connected {
+                        connected = false;
+                        self.counters.connected.fetch_sub(1, Ordering::Relaxed);
                     }
-                    Ok(_) => {}
-                    Err(err) => {
-                        if connected {
-                            connected = false;
-                            counters.connected.fetch_sub(1, Ordering::Relaxed);
-                        }
-                        tracing::debug!(device = %id, %err, "device connection failed");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
+                    tracing::debug!(device = %self.id, %err, "device connection failed");
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }
-    };
-    let poll = tokio::spawn(poll);
+    }
 
+    /// Says `online` and subscribes to its commands, on every connect: the
+    /// session is not kept, so neither is the subscription.
+    fn on_connected(&self) {
+        let (client, status, commands) = (
+            self.client.clone(),
+            self.topics.status(&self.id),
+            self.topics.commands(&self.id),
+        );
+        tokio::spawn(async move {
+            let _ = client
+                .publish(status, QoS::AtLeastOnce, true, "online")
+                .await;
+            let _ = client.subscribe(commands, QoS::AtLeastOnce).await;
+        });
+    }
+
+    /// Moves the setpoint and acknowledges, from a task of its own.
+    fn on_command(&self, payload: &[u8]) {
+        let Ok(command) = serde_json::from_slice::<Command>(payload) else {
+            tracing::warn!(device = %self.id, "ignoring a malformed command");
+            return;
+        };
+        *self.setpoint.lock().expect("setpoint lock") = command.setpoint_c;
+        self.counters.commands.fetch_add(1, Ordering::Relaxed);
+        let ack = Ack {
+            command_id: command.command_id,
+            device_id: self.id.clone(),
+            setpoint_c: command.setpoint_c,
+        };
+        let (client, topic) = (self.client.clone(), self.topics.acks(&self.id));
+        tokio::spawn(async move {
+            let payload = serde_json::to_vec(&ack).expect("acks serialise");
+            let _ = client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await;
+        });
+    }
+}
+
+/// Publishes a reading every interval until the count is reached, the
+/// device is stopped, or the client is gone.
+async fn send_readings(
+    client: &AsyncClient,
+    topics: &Topics,
+    spec: &Spec,
+    counters: &Counters,
+    setpoint: &Mutex<f64>,
+    stop: &CancellationToken,
+) {
     let mut temperature = spec.temperature_c;
     let mut battery = 100.0_f64;
     let mut tick = tokio::time::interval(spec.interval);
@@ -245,8 +290,11 @@ async fn run(
         }
         counters.published.fetch_add(1, Ordering::Relaxed);
     }
+}
 
-    let ending = *ending.lock().expect("ending lock");
+/// Ends the device: a goodbye (`offline`, then DISCONNECT), or vanishing,
+/// which leaves the broker to publish the last will.
+async fn end(ending: Ending, client: &AsyncClient, status: String, poll: JoinHandle<()>) {
     match ending {
         Ending::Vanish => poll.abort(),
         Ending::Goodbye => {

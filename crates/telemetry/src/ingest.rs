@@ -34,14 +34,33 @@ use sqlx::{Postgres, Transaction};
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
+use lab_core::backoff::Backoff;
+use rumqttc::v5::AsyncClient;
+
 use crate::{
-    App,
+    App, Broker, Settings,
     mqtt::Kind,
     payload::{Ack, Alert, Reading, parse_status},
 };
 
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The ingest's MQTT client: a persistent session (clean start off, kept
+/// by the broker for `INGEST_SESSION_EXPIRY_SECS` while the ingest is away),
+/// manual acks (sent by the batcher after commit), and a receive maximum
+/// that bounds how many unacknowledged QoS 1 messages the broker sends.
+pub(crate) fn client(broker: &Broker, settings: &Settings) -> (AsyncClient, EventLoop) {
+    let mut options = broker.v5_options(&settings.client_id);
+    let receive_maximum = settings.receive_maximum();
+    options
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(settings.session_expiry_secs))
+        .set_receive_maximum(Some(receive_maximum))
+        .set_manual_acks(true);
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    options.set_network_options(network);
+    // Acks, alerts and commands wait in this channel for the event loop.
+    AsyncClient::new(options, usize::from(receive_maximum) + 100)
+}
 
 /// The subscriptions: telemetry and acks shared by every ingest instance
 /// (each message goes to one of them), statuses heard by all (retained
@@ -70,7 +89,7 @@ pub async fn run_client(
     inbox: mpsc::UnboundedSender<Publish>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::reconnect();
     loop {
         let event = tokio::select! {
             event = eventloop.poll() => event,
@@ -78,32 +97,8 @@ pub async fn run_client(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(connack))) => {
-                backoff = BACKOFF_MIN;
-                // Ready only once the subscriptions are confirmed (SubAck):
-                // connected and deaf is not ready.
-                app.set_mqtt_up(
-                    false,
-                    Some("connected; waiting for the subscriptions".into()),
-                );
-                tracing::info!(
-                    broker = %app.broker.place(),
-                    session_present = connack.session_present,
-                    "ingest connected"
-                );
-                let session = if connack.session_present {
-                    "resumed"
-                } else {
-                    "new"
-                };
-                app.stats.connected(session);
-                // Not from inside this loop: a full request channel would
-                // wait for the very loop that drains it.
-                let (client, filters) = (app.client.clone(), filters(&app));
-                tokio::spawn(async move {
-                    if let Err(err) = client.subscribe_many(filters).await {
-                        tracing::error!(%err, "cannot subscribe");
-                    }
-                });
+                backoff.reset();
+                app.connected(connack.session_present);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 // Never a wait here: this loop is also what delivers the
@@ -119,20 +114,7 @@ pub async fn run_client(
                     break; // the batcher has stopped
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(suback))) => {
-                let refused: Vec<_> = suback
-                    .return_codes
-                    .iter()
-                    .filter(|code| !matches!(code, SubscribeReasonCode::Success(_)))
-                    .collect();
-                if refused.is_empty() {
-                    app.set_mqtt_up(true, None);
-                } else {
-                    let message = format!("the broker refused subscriptions: {refused:?}");
-                    tracing::error!("{message}");
-                    app.set_mqtt_up(false, Some(message));
-                }
-            }
+            Ok(Event::Incoming(Packet::SubAck(suback))) => app.subscribed(&suback.return_codes),
             Ok(_) => {}
             Err(err) => {
                 let message = app.broker.describe(&err);
@@ -141,10 +123,9 @@ pub async fn run_client(
                 }
                 app.set_mqtt_up(false, Some(message));
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
                     () = stop.cancelled() => break,
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }
@@ -285,11 +266,51 @@ fn printable(bytes: &[u8]) -> String {
 }
 
 impl App {
+    /// On every ConnAck, resumed session or not: subscribe (again).
+    fn connected(&self, session_present: bool) {
+        // Ready only once the subscriptions are confirmed (SubAck):
+        // connected and deaf is not ready.
+        self.set_mqtt_up(
+            false,
+            Some("connected; waiting for the subscriptions".into()),
+        );
+        tracing::info!(
+            broker = %self.broker.place(),
+            session_present,
+            "ingest connected"
+        );
+        self.stats
+            .connected(if session_present { "resumed" } else { "new" });
+        // Not from inside the event loop: a full request channel would wait
+        // for the very loop that drains it.
+        let (client, filters) = (self.client.clone(), filters(self));
+        tokio::spawn(async move {
+            if let Err(err) = client.subscribe_many(filters).await {
+                tracing::error!(%err, "cannot subscribe");
+            }
+        });
+    }
+
+    /// Ready once every subscription is granted.
+    fn subscribed(&self, codes: &[SubscribeReasonCode]) {
+        let refused: Vec<_> = codes
+            .iter()
+            .filter(|code| !matches!(code, SubscribeReasonCode::Success(_)))
+            .collect();
+        if refused.is_empty() {
+            self.set_mqtt_up(true, None);
+        } else {
+            let message = format!("the broker refused subscriptions: {refused:?}");
+            tracing::error!("{message}");
+            self.set_mqtt_up(false, Some(message));
+        }
+    }
+
     /// Stores a batch (retrying while Postgres is down), then acknowledges
     /// it to the broker, then publishes the alerts it raised.
     async fn store(&self, batch: Vec<Publish>, stop: &CancellationToken) {
         let decoded = decode(self, &batch);
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::reconnect();
         let (stored, alerts) = loop {
             match self.write(&decoded).await {
                 Ok(written) => break written,
@@ -300,11 +321,10 @@ impl App {
                         tracing::error!(%err, "storing a batch failed; retrying");
                     }
                     tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
                         // Unacknowledged: the broker sends it again later.
                         () = stop.cancelled() => return,
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         };

@@ -33,10 +33,7 @@ use std::{
     time::Duration,
 };
 
-use lab_core::{
-    http::{Dependency, bind},
-    metrics::Metrics,
-};
+use lab_core::{config::Listen, http::Dependency, metrics::Metrics};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -139,9 +136,19 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The settings as the environment and the defaults give them.
-    pub fn from_env() -> Self {
+    /// The settings as the environment and the defaults give them; callers
+    /// change what they need with struct update syntax.
+    pub fn from_env() -> anyhow::Result<Self> {
         lab_core::config::from_env()
+    }
+
+    pub fn http(&self) -> Listen {
+        Listen::http("telemetry", &self.http_addr, "TELEMETRY_HTTP_ADDR")
+    }
+
+    /// Every address the ingest listens on.
+    pub fn listeners(&self) -> Vec<Listen> {
+        vec![self.http()]
     }
 
     fn qos(&self) -> QoS {
@@ -284,12 +291,30 @@ impl App {
         self.stats.mqtt_connected.set(i64::from(up));
         *self.mqtt_error.lock().expect("mqtt error lock") = error;
     }
+
+    /// The `/readyz` check: connected and subscribed, or why not.
+    fn mosquitto(&self) -> Dependency {
+        let app = self.clone();
+        Dependency::new("mosquitto", move || {
+            let result = if app.mqtt_up() {
+                Ok(())
+            } else {
+                Err(app
+                    .mqtt_error
+                    .lock()
+                    .expect("mqtt error lock")
+                    .clone()
+                    .unwrap_or_else(|| "not connected".into()))
+            };
+            async move { result }
+        })
+    }
 }
 
 /// Runs the ingest until `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = lab_core::postgres::connect(&config.database_url, shutdown.clone())?;
-    let listener = bind(&config.settings.http_addr, "TELEMETRY_HTTP_ADDR").await?;
+    let listener = config.settings.http().bind().await?;
     tracing::info!(http = %listener.local_addr()?, client_id = %config.settings.client_id, "telemetry ingest listening");
     serve(listener, pool, &config.mqtt_url, config.settings, shutdown).await
 }
@@ -305,18 +330,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let broker = Broker::parse(mqtt_url)?;
-    let mut options = broker.v5_options(&settings.client_id);
-    let receive_maximum = settings.receive_maximum();
-    options
-        .set_clean_start(false)
-        .set_session_expiry_interval(Some(settings.session_expiry_secs))
-        .set_receive_maximum(Some(receive_maximum))
-        .set_manual_acks(true);
-    let mut network = rumqttc::NetworkOptions::new();
-    network.set_tcp_nodelay(true);
-    options.set_network_options(network);
-    // Acks, alerts and commands wait in this channel for the event loop.
-    let (client, eventloop) = AsyncClient::new(options, usize::from(receive_maximum) + 100);
+    let (client, eventloop) = ingest::client(&broker, &settings);
     let (inbox_tx, inbox) = mpsc::unbounded_channel();
 
     let metrics = Metrics::new("telemetry");
@@ -331,23 +345,7 @@ pub async fn serve(
         stats: Stats::new(&metrics),
         shutdown: shutdown.clone(),
     }));
-    let mosquitto = {
-        let app = app.clone();
-        Dependency::new("mosquitto", move || {
-            let result = if app.mqtt_up() {
-                Ok(())
-            } else {
-                Err(app
-                    .mqtt_error
-                    .lock()
-                    .expect("mqtt error lock")
-                    .clone()
-                    .unwrap_or_else(|| "not connected".into()))
-            };
-            async move { result }
-        })
-    };
-    let dependencies = vec![lab_core::postgres::dependency(pool), mosquitto];
+    let dependencies = vec![lab_core::postgres::dependency(pool), app.mosquitto()];
     let router = lab_core::http::service_router(api::routes(app.clone()), dependencies, metrics);
 
     // The client outlives the batcher, so the last batch's acks go out.

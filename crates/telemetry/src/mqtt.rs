@@ -20,9 +20,8 @@ pub struct Broker {
 
 impl Broker {
     pub fn parse(url: &str) -> anyhow::Result<Self> {
-        let parsed = url::Url::parse(url).with_context(|| {
-            format!("MQTT_URL is not a URL: {}", lab_core::postgres::redact(url))
-        })?;
+        let parsed = url::Url::parse(url)
+            .with_context(|| format!("MQTT_URL is not a URL: {}", lab_core::config::redact(url)))?;
         if !matches!(parsed.scheme(), "mqtt" | "tcp") {
             bail!(
                 "MQTT_URL must start with mqtt:// (got {}://)",
@@ -77,7 +76,7 @@ impl Broker {
         format!(
             "Mosquitto is not reachable at {} ({err}); {}",
             self.place(),
-            lab_core::postgres::start_hint("mosquitto")
+            lab_core::config::start_hint("mosquitto")
         )
     }
 }

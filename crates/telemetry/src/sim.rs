@@ -9,12 +9,14 @@ use std::{
     time::Duration,
 };
 
+use axum::Router;
 use lab_core::{
     http::{Dependency, bind},
     metrics::Metrics,
 };
 use prometheus_client::metrics::gauge::Gauge;
 use rumqttc::QoS;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -99,6 +101,28 @@ pub async fn run(
     tracing::info!(http = %listener.local_addr()?, devices = settings.devices, broker = %broker.place(), "device simulator");
 
     let counters = Arc::new(Counters::default());
+    let (router, connected) = health_router(&counters, settings.devices as u64, broker.place());
+    let http_stop = shutdown.child_token();
+    let http = tokio::spawn(lab_core::http::serve(listener, router, http_stop.clone()));
+    let devices = start_fleet(&broker, &topics, &settings, &counters, &shutdown).await;
+    let gauge = mirror_connected(counters.clone(), connected);
+
+    // Devices with a count end by themselves; shutdown ends the others
+    // (their tokens are children of `shutdown`).
+    futures::future::join_all(devices.into_iter().map(Device::finished)).await;
+    gauge.abort();
+    http_stop.cancel();
+    http.await??;
+    tracing::info!(
+        published = counters.published.load(Ordering::Relaxed),
+        "device simulator stopped"
+    );
+    Ok(())
+}
+
+/// `/healthz`, `/readyz` (ready once `wanted` devices are connected to the
+/// broker at `place`) and `/metrics`, with the gauge of connected devices.
+fn health_router(counters: &Arc<Counters>, wanted: u64, place: String) -> (Router, Gauge) {
     let metrics = Metrics::new("sim");
     let connected: Gauge = Gauge::default();
     metrics.register(
@@ -106,9 +130,8 @@ pub async fn run(
         "Connections made by the fleet's devices",
         connected.clone(),
     );
-    let wanted = settings.devices as u64;
     let mosquitto = {
-        let (counters, place) = (counters.clone(), broker.place());
+        let counters = counters.clone();
         Dependency::new("mosquitto", move || {
             let n = counters.connected.load(Ordering::Relaxed);
             let result = if n >= wanted {
@@ -119,10 +142,18 @@ pub async fn run(
             async move { result }
         })
     };
-    let router = lab_core::http::service_router(axum::Router::new(), vec![mosquitto], metrics);
-    let http_stop = shutdown.child_token();
-    let http = tokio::spawn(lab_core::http::serve(listener, router, http_stop.clone()));
+    let router = lab_core::http::service_router(Router::new(), vec![mosquitto], metrics);
+    (router, connected)
+}
 
+/// Starts every device, a few at a time.
+async fn start_fleet(
+    broker: &Broker,
+    topics: &Topics,
+    settings: &SimSettings,
+    counters: &Arc<Counters>,
+    shutdown: &CancellationToken,
+) -> Vec<Device> {
     let interval = Duration::from_secs_f64(1.0 / settings.rate);
     // A real device keeps its counter across restarts (in flash). These
     // start from the clock instead, in milliseconds: a restarted fleet
@@ -144,36 +175,27 @@ pub async fn run(
             first_seq,
         };
         devices.push(Device::start(
-            &broker,
-            &topics,
+            broker,
+            topics,
             spec,
             counters.clone(),
-            &shutdown,
+            shutdown,
         ));
         // A thousand devices do not all connect in the same millisecond.
         if n % 50 == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let gauge = {
-        let (counters, connected) = (counters.clone(), connected.clone());
-        tokio::spawn(async move {
-            loop {
-                connected.set(counters.connected.load(Ordering::Relaxed) as i64);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
+    devices
+}
 
-    // Devices with a count end by themselves; shutdown ends the others
-    // (their tokens are children of `shutdown`).
-    futures::future::join_all(devices.into_iter().map(Device::finished)).await;
-    gauge.abort();
-    http_stop.cancel();
-    http.await??;
-    tracing::info!(
-        published = counters.published.load(Ordering::Relaxed),
-        "device simulator stopped"
-    );
-    Ok(())
+/// Copies the fleet's connected count into the gauge twice a second, until
+/// aborted.
+fn mirror_connected(counters: Arc<Counters>, connected: Gauge) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            connected.set(counters.connected.load(Ordering::Relaxed) as i64);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
 }

@@ -94,20 +94,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .tcp_nodelay(true)
         .pool_max_idle_per_host(1024)
         .build()?;
-    eprintln!("creating {} + {} profiles…", args.profiles, args.fresh);
-    let warm: Arc<[String]> = create_profiles(&http, &args.target, args.profiles)
-        .await?
-        .into();
-    let fresh: Arc<[String]> = create_profiles(&http, &args.target, args.fresh)
-        .await?
-        .into();
-    for id in warm.iter() {
-        // Fill the cache for the hit variant.
-        http.get(format!("{}/profiles/{id}", args.target))
-            .send()
-            .await?
-            .error_for_status()?;
-    }
+    let (warm, fresh) = prepare(&http, &args).await?;
 
     let cells = (3 * args.load.concurrency.len()) as u64 + 2;
     let bar = progress(cells);
@@ -116,43 +103,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for &concurrency in &args.load.concurrency {
         for (variant, query, want) in [("postgres", "?cache=skip", "bypass"), ("hit", "", "hit")] {
             bar.set_message(format!("{variant} c={concurrency}"));
-            let (http, warm, target) = (http.clone(), warm.clone(), args.target.clone());
-            let row = measure(
-                &args.load,
-                concurrency,
-                variant,
-                "profile",
-                move |worker, n| {
-                    let url = format!(
-                        "{target}/profiles/{}{query}",
-                        warm[(n as usize + worker) % warm.len()]
-                    );
-                    let http = http.clone();
-                    async move { read(&http, url, want).await }
-                },
-            )
-            .await?;
-            rows.push(row);
+            rows.push(warm_reads(&args, &http, &warm, concurrency, (variant, query, want)).await?);
             bar.inc(1);
         }
         // Each miss needs a profile nobody has read: split the fresh ones.
         let share = args.fresh / args.load.concurrency.len();
         let ids: Arc<[String]> = fresh[fresh_used..fresh_used + share].into();
         fresh_used += share;
-        let once = Load {
-            warmup: std::time::Duration::ZERO,
-            requests: Some(ids.len() as u64),
-            ..args.load.clone()
-        };
         bar.set_message(format!("miss c={concurrency}"));
-        let (http2, target) = (http.clone(), args.target.clone());
-        let row = measure(&once, concurrency, "miss", "profile", move |_, n| {
-            let url = format!("{target}/profiles/{}", ids[n as usize]);
-            let http = http2.clone();
-            async move { read(&http, url, "miss").await }
-        })
-        .await?;
-        rows.push(row);
+        rows.push(first_reads(&args, &http, ids, concurrency).await?);
         bar.inc(1);
     }
 
@@ -163,7 +122,82 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    report(&args, rows, stampedes)
+}
 
+/// Creates the warm profiles (and reads each once, so the cache holds
+/// them) and the fresh ones, never read.
+async fn prepare(
+    http: &reqwest::Client,
+    args: &Args,
+) -> anyhow::Result<(Arc<[String]>, Arc<[String]>)> {
+    eprintln!("creating {} + {} profiles…", args.profiles, args.fresh);
+    let warm: Arc<[String]> = create_profiles(http, &args.target, args.profiles)
+        .await?
+        .into();
+    let fresh: Arc<[String]> = create_profiles(http, &args.target, args.fresh)
+        .await?
+        .into();
+    for id in warm.iter() {
+        // Fill the cache for the hit variant.
+        http.get(format!("{}/profiles/{id}", args.target))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    Ok((warm, fresh))
+}
+
+/// One cell of reads over the warm profiles: `query` picks the path, and
+/// every answer must carry `X-Cache: want`.
+async fn warm_reads(
+    args: &Args,
+    http: &reqwest::Client,
+    warm: &Arc<[String]>,
+    concurrency: usize,
+    (variant, query, want): (&'static str, &'static str, &'static str),
+) -> anyhow::Result<Row> {
+    let (http, warm, target) = (http.clone(), warm.clone(), args.target.clone());
+    measure(
+        &args.load,
+        concurrency,
+        variant,
+        "profile",
+        move |worker, n| {
+            let url = format!(
+                "{target}/profiles/{}{query}",
+                warm[(n as usize + worker) % warm.len()]
+            );
+            let http = http.clone();
+            async move { read(&http, url, want).await }
+        },
+    )
+    .await
+}
+
+/// The miss cell: one first read of each of `ids`, no warm-up.
+async fn first_reads(
+    args: &Args,
+    http: &reqwest::Client,
+    ids: Arc<[String]>,
+    concurrency: usize,
+) -> anyhow::Result<Row> {
+    let once = Load {
+        warmup: std::time::Duration::ZERO,
+        requests: Some(ids.len() as u64),
+        ..args.load.clone()
+    };
+    let (http, target) = (http.clone(), args.target.clone());
+    measure(&once, concurrency, "miss", "profile", move |_, n| {
+        let url = format!("{target}/profiles/{}", ids[n as usize]);
+        let http = http.clone();
+        async move { read(&http, url, "miss").await }
+    })
+    .await
+}
+
+/// Prints the table and the stampede lines (or JSON), and draws the plot.
+fn report(args: &Args, rows: Vec<Row>, stampedes: Vec<Stampede>) -> anyhow::Result<()> {
     if args.load.json {
         let report = Report {
             reads: rows,
@@ -198,13 +232,9 @@ async fn stampede(args: &Args, protection: caching::Switch) -> anyhow::Result<St
     let base = format!("http://{}", listener.local_addr()?);
     let settings = caching::Settings {
         http_addr: "127.0.0.1:0".into(),
-        ttl_secs: 60,
         key_prefix: format!("bench:stampede:{}:", uuid::Uuid::now_v7().simple()),
         stampede_protection: protection,
-        flush_interval_ms: 1000,
-        flush_batch_size: 500,
-        flush_claim_idle_ms: 10_000,
-        invalidation_retry_ms: 200,
+        ..caching::Settings::from_env()?
     };
     let server = tokio::spawn(caching::serve(
         listener,

@@ -363,119 +363,16 @@ async fn run_variant(
     servers: &[Instance],
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Variant> {
-    let rss_before: u64 = servers
-        .iter()
-        .map(Instance::rss_bytes)
-        .sum::<anyhow::Result<u64>>()?;
+    let rss_before = total_rss(servers)?;
     let tally = Tally::new()?;
-
-    // Connect everyone, 64 at a time, each counted once its welcome is in.
-    bar.set_message(format!("{variant}: connecting"));
-    bar.set_length(args.clients as u64);
-    bar.set_position(0);
-    let started = Instant::now();
-    let mut sockets = stream::iter(0..args.clients)
-        .map(|i| {
-            let port = servers[i % servers.len()].port;
-            let room = i % args.rooms;
-            async move {
-                let url = format!("ws://127.0.0.1:{port}/ws?room=bench-{room}&name=c{i}");
-                let (mut ws, _) = tokio_tungstenite::connect_async_with_config(&url, None, true)
-                    .await
-                    .with_context(|| {
-                        format!("connect {url} (too many open files? raise `ulimit -n`)")
-                    })?;
-                loop {
-                    match ws.next().await {
-                        Some(Ok(Frame::Text(text))) if text.contains(r#""type":"welcome""#) => {
-                            break;
-                        }
-                        Some(Ok(_)) => continue,
-                        other => bail!("{url}: no welcome: {other:?}"),
-                    }
-                }
-                anyhow::Ok((i, ws))
-            }
-        })
-        .buffer_unordered(64)
-        .inspect(|_| bar.inc(1))
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let setup_secs = started.elapsed().as_secs_f64();
-    sockets.sort_by_key(|(i, _)| *i);
+    let (sockets, setup_secs) = connect_all(args, variant, servers, bar).await?;
     // Let the instances settle (joins announced, buffers allocated) first.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_after: u64 = servers
-        .iter()
-        .map(Instance::rss_bytes)
-        .sum::<anyhow::Result<u64>>()?;
+    let rss_after = total_rss(servers)?;
 
-    // Every client reads; the senders also write.
     let stop = tokio_util::sync::CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut sent = Vec::new();
-    // Senders spread over rooms and instances: client i is in room i % rooms.
-    for (i, ws) in sockets {
-        let (mut sink, mut stream) = ws.split();
-        let (reader_tally, stop_reading) = (tally.clone(), stop.clone());
-        tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    frame = stream.next() => match frame {
-                        Some(Ok(Frame::Text(text))) => reader_tally.receive(&text),
-                        Some(Ok(_)) => {}
-                        _ => break,
-                    },
-                    () = stop_reading.cancelled() => break,
-                }
-            }
-        });
-        if i < args.senders {
-            let count = Arc::new(AtomicU64::new(0));
-            sent.push((i % args.rooms, count.clone()));
-            let (tally, stop, rate) = (tally.clone(), stop.clone(), args.rate);
-            // Senders are spread over the period, as people are: started
-            // together they would say everything in lockstep bursts.
-            let period = Duration::from_secs_f64(1.0 / rate);
-            let offset = period.mul_f64(i as f64 / args.senders as f64);
-            tasks.spawn(async move {
-                let mut tick = tokio::time::interval_at(Instant::now() + offset, period);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                for seq in 0u64.. {
-                    tokio::select! {
-                        _ = tick.tick() => {}
-                        () = stop.cancelled() => break,
-                    }
-                    let sent_us = tally.now_us();
-                    let say = format!(r#"{{"type":"say","text":"c{i} {seq} {sent_us}"}}"#);
-                    if sink.send(Frame::text(say)).await.is_err() {
-                        break;
-                    }
-                    if tally.measured(sent_us) {
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-    }
-
-    bar.set_message(format!("{variant}: warming up"));
-    tokio::time::sleep(args.warmup).await;
-    tally.from_us.store(tally.now_us(), Ordering::Relaxed);
-    bar.set_message(format!("{variant}: measuring"));
-    let seconds = args.duration.as_secs().max(1);
-    bar.set_length(seconds);
-    bar.set_position(0);
-    let measuring = Instant::now();
-    for second in 1..=seconds {
-        let due = measuring + args.duration.mul_f64(second as f64 / seconds as f64);
-        tokio::time::sleep_until(due).await;
-        bar.inc(1);
-    }
-    tally.until_us.store(tally.now_us(), Ordering::Relaxed);
-    let measured_secs = measuring.elapsed().as_secs_f64();
+    let (mut tasks, sent) = start_traffic(args, sockets, &tally, &stop);
+    let measured_secs = measure_window(args, variant, &tally, bar).await;
     // Messages still in flight get a moment to arrive.
     bar.set_message(format!("{variant}: draining"));
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -508,13 +405,180 @@ async fn run_variant(
     })
 }
 
+/// The instances' resident memory, together.
+fn total_rss(servers: &[Instance]) -> anyhow::Result<u64> {
+    servers.iter().map(Instance::rss_bytes).sum()
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Connects everyone, 64 at a time, each counted once its welcome is in;
+/// returns the sockets in client order and the seconds it took.
+async fn connect_all(
+    args: &Args,
+    variant: &str,
+    servers: &[Instance],
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<(Vec<(usize, Socket)>, f64)> {
+    bar.set_message(format!("{variant}: connecting"));
+    bar.set_length(args.clients as u64);
+    bar.set_position(0);
+    let started = Instant::now();
+    let mut sockets = stream::iter(0..args.clients)
+        .map(|i| {
+            let port = servers[i % servers.len()].port;
+            let room = i % args.rooms;
+            async move {
+                let url = format!("ws://127.0.0.1:{port}/ws?room=bench-{room}&name=c{i}");
+                anyhow::Ok((i, join_room(&url).await?))
+            }
+        })
+        .buffer_unordered(64)
+        .inspect(|_| bar.inc(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let setup_secs = started.elapsed().as_secs_f64();
+    sockets.sort_by_key(|(i, _)| *i);
+    Ok((sockets, setup_secs))
+}
+
+/// Opens one connection and waits for its welcome.
+async fn join_room(url: &str) -> anyhow::Result<Socket> {
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+        .await
+        .with_context(|| format!("connect {url} (too many open files? raise `ulimit -n`)"))?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Frame::Text(text))) if text.contains(r#""type":"welcome""#) => {
+                return Ok(ws);
+            }
+            Some(Ok(_)) => continue,
+            other => bail!("{url}: no welcome: {other:?}"),
+        }
+    }
+}
+
+/// Messages a sender sent in the measured window, with its room.
+type Sent = Vec<(usize, Arc<AtomicU64>)>;
+
+/// Every client reads; the first `--senders` also write. Senders are spread
+/// over rooms and instances: client i is in room i % rooms.
+fn start_traffic(
+    args: &Args,
+    sockets: Vec<(usize, Socket)>,
+    tally: &Arc<Tally>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> (tokio::task::JoinSet<()>, Sent) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut sent = Vec::new();
+    for (i, ws) in sockets {
+        let (sink, stream) = ws.split();
+        tasks.spawn(read_frames(stream, tally.clone(), stop.clone()));
+        if i < args.senders {
+            let count = Arc::new(AtomicU64::new(0));
+            sent.push((i % args.rooms, count.clone()));
+            // Senders are spread over the period, as people are: started
+            // together they would say everything in lockstep bursts.
+            let period = Duration::from_secs_f64(1.0 / args.rate);
+            let offset = period.mul_f64(i as f64 / args.senders as f64);
+            let sender = Sender {
+                client: i,
+                offset,
+                period,
+                count,
+            };
+            tasks.spawn(sender.run(sink, tally.clone(), stop.clone()));
+        }
+    }
+    (tasks, sent)
+}
+
+/// A member's reader: records every frame until stopped.
+async fn read_frames(
+    mut stream: futures::stream::SplitStream<Socket>,
+    tally: Arc<Tally>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(Frame::Text(text))) => tally.receive(&text),
+                Some(Ok(_)) => {}
+                _ => break,
+            },
+            () = stop.cancelled() => break,
+        }
+    }
+}
+
+/// One talking client: says a numbered, timestamped message every period.
+struct Sender {
+    client: usize,
+    offset: Duration,
+    period: Duration,
+    /// Messages sent in the measured window.
+    count: Arc<AtomicU64>,
+}
+
+impl Sender {
+    async fn run(
+        self,
+        mut sink: futures::stream::SplitSink<Socket, Frame>,
+        tally: Arc<Tally>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let i = self.client;
+        let mut tick = tokio::time::interval_at(Instant::now() + self.offset, self.period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for seq in 0u64.. {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => break,
+            }
+            let sent_us = tally.now_us();
+            let say = format!(r#"{{"type":"say","text":"c{i} {seq} {sent_us}"}}"#);
+            if sink.send(Frame::text(say)).await.is_err() {
+                break;
+            }
+            if tally.measured(sent_us) {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Warms up, then opens the measured window for `--duration`; returns the
+/// seconds it was open.
+async fn measure_window(
+    args: &Args,
+    variant: &str,
+    tally: &Tally,
+    bar: &indicatif::ProgressBar,
+) -> f64 {
+    bar.set_message(format!("{variant}: warming up"));
+    tokio::time::sleep(args.warmup).await;
+    tally.from_us.store(tally.now_us(), Ordering::Relaxed);
+    bar.set_message(format!("{variant}: measuring"));
+    let seconds = args.duration.as_secs().max(1);
+    bar.set_length(seconds);
+    bar.set_position(0);
+    let measuring = Instant::now();
+    for second in 1..=seconds {
+        let due = measuring + args.duration.mul_f64(second as f64 / seconds as f64);
+        tokio::time::sleep_until(due).await;
+        bar.inc(1);
+    }
+    tally.until_us.store(tally.now_us(), Ordering::Relaxed);
+    measuring.elapsed().as_secs_f64()
+}
+
 /// Bare Redis pub/sub at the senders' total rate: one publisher, one
 /// subscriber, the time from PUBLISH to receipt.
 async fn redis_floor(args: &Args, bar: &indicatif::ProgressBar) -> anyhow::Result<Floor> {
     bar.set_message("redis pub/sub floor");
-    let seconds = args.duration.as_secs().max(1);
-    bar.set_length(seconds);
-    bar.set_position(0);
     let url = &args.redis.redis_url;
     let channel = format!("lab:bench:chat:{}:floor", std::process::id());
     let client = lab_core::redis::client(url)?;
@@ -540,6 +604,38 @@ async fn redis_floor(args: &Args, bar: &indicatif::ProgressBar) -> anyhow::Resul
             }
         })
     };
+    let published = publish_floor(args, &mut publisher, &channel, &tally, bar).await?;
+    redis::cmd("PUBLISH")
+        .arg(&channel)
+        .arg("stop")
+        .query_async::<i64>(&mut publisher)
+        .await?;
+    tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .context("the floor's subscriber did not finish")??;
+    let latency = tally.latency_us.lock().expect("histogram lock");
+    Ok(Floor {
+        messages: published,
+        delivered_per_sec: tally.delivered.load(Ordering::Relaxed) as f64
+            / args.duration.as_secs_f64(),
+        p50_us: latency.value_at_quantile(0.50),
+        p99_us: latency.value_at_quantile(0.99),
+        p999_us: latency.value_at_quantile(0.999),
+    })
+}
+
+/// Publishes timestamped messages at the senders' total rate, through the
+/// warm-up and the measured window; returns how many were measured.
+async fn publish_floor(
+    args: &Args,
+    publisher: &mut lab_core::redis::Redis,
+    channel: &str,
+    tally: &Tally,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<u64> {
+    let seconds = args.duration.as_secs().max(1);
+    bar.set_length(seconds);
+    bar.set_position(0);
     let rate = args.rate * args.senders.max(1) as f64;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -558,9 +654,9 @@ async fn redis_floor(args: &Args, bar: &indicatif::ProgressBar) -> anyhow::Resul
         let sent_us = tally.now_us();
         let payload = format!(r#"{{"type":"message","text":"floor {seq} {sent_us}"}}"#);
         redis::cmd("PUBLISH")
-            .arg(&channel)
+            .arg(channel)
             .arg(payload)
-            .query_async::<i64>(&mut publisher)
+            .query_async::<i64>(publisher)
             .await?;
         if tally.measured(sent_us) {
             published += 1;
@@ -573,21 +669,5 @@ async fn redis_floor(args: &Args, bar: &indicatif::ProgressBar) -> anyhow::Resul
         bar.set_position(done.min(seconds));
     }
     tally.until_us.store(tally.now_us(), Ordering::Relaxed);
-    redis::cmd("PUBLISH")
-        .arg(&channel)
-        .arg("stop")
-        .query_async::<i64>(&mut publisher)
-        .await?;
-    tokio::time::timeout(Duration::from_secs(5), reader)
-        .await
-        .context("the floor's subscriber did not finish")??;
-    let latency = tally.latency_us.lock().expect("histogram lock");
-    Ok(Floor {
-        messages: published,
-        delivered_per_sec: tally.delivered.load(Ordering::Relaxed) as f64
-            / args.duration.as_secs_f64(),
-        p50_us: latency.value_at_quantile(0.50),
-        p99_us: latency.value_at_quantile(0.99),
-        p999_us: latency.value_at_quantile(0.999),
-    })
+    Ok(published)
 }

@@ -86,7 +86,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let settings = outbox::Settings {
         exchange: "lab.bench.events".into(),
         queue: "lab.bench.notifications".into(),
-        ..outbox::Settings::from_env()
+        ..outbox::Settings::from_env()?
     };
     let amqp = args.amqp.amqp_url.clone();
     let result = bench(&args, &pool, &amqp, &settings, &stop).await;
@@ -136,26 +136,7 @@ async fn bench(
     stop: &CancellationToken,
 ) -> anyhow::Result<Report> {
     let metrics = Metrics::new("outbox_bench");
-    let consumer = Consumer::new(pool.clone(), amqp.to_owned(), settings.clone(), &metrics);
-    let consumer_stats = consumer.stats();
-    tokio::spawn(consumer.run(stop.clone()));
-    let relay_stop = stop.child_token();
-    tokio::spawn(
-        Relay::new(pool.clone(), amqp.to_owned(), settings.clone(), &metrics)
-            .run(relay_stop.clone()),
-    );
-    for _ in 0..100 {
-        if consumer_stats.connected() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::ensure!(
-        consumer_stats.connected(),
-        "{}",
-        lab_core::amqp::describe(amqp, "the consumer did not connect within 5 s")
-    );
-
+    let relay_stop = start_pipeline(pool, amqp, settings, &metrics, stop).await?;
     let bar = progress(args.load.concurrency.len() as u64 * 3 + 1);
     let mut cells = Vec::new();
     for &concurrency in &args.load.concurrency {
@@ -178,15 +159,61 @@ async fn bench(
     bar.set_message(format!("relay drain of {} events", args.backlog));
     relay_stop.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let relay_drain = drain(args.backlog, pool, amqp, settings, &metrics, stop).await?;
+    bar.finish_and_clear();
+    Ok(Report { cells, relay_drain })
+}
+
+/// Starts the consumer and a relay, and waits for the consumer to connect.
+/// Returns the token that stops that relay.
+async fn start_pipeline(
+    pool: &PgPool,
+    amqp: &str,
+    settings: &outbox::Settings,
+    metrics: &Metrics,
+    stop: &CancellationToken,
+) -> anyhow::Result<CancellationToken> {
+    let consumer = Consumer::new(pool.clone(), amqp.to_owned(), settings.clone(), metrics);
+    let consumer_stats = consumer.stats();
+    tokio::spawn(consumer.run(stop.clone()));
+    let relay_stop = stop.child_token();
+    tokio::spawn(
+        Relay::new(pool.clone(), amqp.to_owned(), settings.clone(), metrics)
+            .run(relay_stop.clone()),
+    );
+    for _ in 0..100 {
+        if consumer_stats.connected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::ensure!(
+        consumer_stats.connected(),
+        "{}",
+        lab_core::amqp::describe(amqp, "the consumer did not connect within 5 s")
+    );
+    Ok(relay_stop)
+}
+
+/// With no relay running, writes `backlog` orders through the outbox; then
+/// starts one relay and times how long it takes to publish them all.
+async fn drain(
+    backlog: usize,
+    pool: &PgPool,
+    amqp: &str,
+    settings: &outbox::Settings,
+    metrics: &Metrics,
+    stop: &CancellationToken,
+) -> anyhow::Result<Drain> {
     let orders = Orders::new(
         pool.clone(),
         amqp.to_owned(),
         settings.exchange.clone(),
-        &metrics,
+        metrics,
     );
     futures::future::try_join_all((0..16).map(|worker| {
         let orders = orders.clone();
-        let share = args.backlog / 16 + usize::from(worker < args.backlog % 16);
+        let share = backlog / 16 + usize::from(worker < backlog % 16);
         async move {
             for i in 0..share {
                 orders.create(sample(i), Delivery::Outbox, None).await?;
@@ -197,18 +224,14 @@ async fn bench(
     .await?;
     let started = tokio::time::Instant::now();
     tokio::spawn(
-        Relay::new(pool.clone(), amqp.to_owned(), settings.clone(), &metrics).run(stop.clone()),
+        Relay::new(pool.clone(), amqp.to_owned(), settings.clone(), metrics).run(stop.clone()),
     );
     wait_until_published(pool, Duration::from_secs(120)).await?;
     let seconds = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
-    Ok(Report {
-        cells,
-        relay_drain: Drain {
-            events: args.backlog,
-            seconds,
-            events_per_sec: args.backlog as f64 / seconds,
-        },
+    Ok(Drain {
+        events: backlog,
+        seconds,
+        events_per_sec: backlog as f64 / seconds,
     })
 }
 

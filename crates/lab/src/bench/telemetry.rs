@@ -30,7 +30,7 @@ use telemetry::{
     device::{Counters, Device, Spec},
     payload::Reading,
 };
-use tokio::time::Instant;
+use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{micros, ratio};
@@ -161,6 +161,30 @@ fn print(report: &Report) {
     }
 }
 
+/// Which seqs each device sends: a warm-up, then the measured readings.
+#[derive(Debug, Clone, Copy)]
+struct Seqs {
+    warmup: i64,
+    measured: i64,
+}
+
+impl Seqs {
+    fn new(args: &Args) -> Self {
+        Self {
+            warmup: (args.rate * args.warmup.as_secs_f64()).ceil() as i64,
+            measured: (args.rate * args.duration.as_secs_f64()).ceil().max(1.0) as i64,
+        }
+    }
+
+    fn first_measured(&self) -> i64 {
+        self.warmup + 1
+    }
+
+    fn last_measured(&self) -> i64 {
+        self.warmup + self.measured
+    }
+}
+
 async fn measure(
     args: &Args,
     qos: u8,
@@ -175,20 +199,58 @@ async fn measure(
         .await?;
     let prefix = format!("lab/bench/{}/qos{qos}/", std::process::id());
     let topics = Topics::new(&prefix);
-    let warmup = (args.rate * args.warmup.as_secs_f64()).ceil() as i64;
-    let measured = (args.rate * args.duration.as_secs_f64()).ceil().max(1.0) as i64;
-    let first_measured = warmup + 1;
-    let last_measured = warmup + measured;
+    let seqs = Seqs::new(args);
+    let (ingest, ingest_url) = start_ingest(args, qos, pool, &prefix, &stop).await?;
 
-    // The ingest, in this process, on a port of its own.
+    // The bare subscriber: what the broker delivers with nothing behind it.
+    let subscriber = Subscriber::start(
+        broker,
+        &topics,
+        qos,
+        seqs.first_measured(),
+        seqs.last_measured(),
+    )
+    .await?;
+    run_fleet(args, qos, broker, &topics, seqs, &stop, bar).await;
+
+    bar.set_message(format!("QoS {qos}: draining"));
+    let expected = args.devices as i64 * seqs.measured;
+    drain(pool, seqs, expected).await?;
+
+    let published = expected as u64;
+    let sub = subscriber.finish(published, args.duration);
+    let ingest_side = stored(pool, seqs, published, args.duration).await?;
+    let duplicates = super::metric(&ingest_url, "telemetry_duplicates_total")
+        .await
+        .unwrap_or(0.0) as i64;
+    stop.cancel();
+    ingest.await??;
+    Ok(Variant {
+        qos,
+        published,
+        subscriber: sub,
+        ingest: ingest_side,
+        duplicates,
+    })
+}
+
+/// The ingest, in this process, on a port of its own; returns its task
+/// and its base URL once it is ready.
+async fn start_ingest(
+    args: &Args,
+    qos: u8,
+    pool: &PgPool,
+    prefix: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<(JoinHandle<anyhow::Result<()>>, String)> {
     let settings = telemetry::Settings {
         http_addr: "127.0.0.1:0".into(),
         client_id: format!("lab-bench-ingest-{}-{qos}", std::process::id()),
-        topic_prefix: prefix.clone(),
+        topic_prefix: prefix.to_owned(),
         qos,
         // A session that outlives nothing: each run starts clean.
         session_expiry_secs: 60,
-        ..telemetry::Settings::from_env()
+        ..telemetry::Settings::from_env()?
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let ingest_url = format!("http://{}", listener.local_addr()?);
@@ -197,10 +259,20 @@ async fn measure(
         async move { telemetry::serve(listener, pool, &url, settings, stop).await }
     });
     super::wait_ready(&ingest_url).await?;
+    Ok((ingest, ingest_url))
+}
 
-    // The bare subscriber: what the broker delivers with nothing behind it.
-    let subscriber = Subscriber::start(broker, &topics, qos, first_measured, last_measured).await?;
-
+/// Starts `--devices` devices, a few at a time, and waits until each has
+/// sent all its readings.
+async fn run_fleet(
+    args: &Args,
+    qos: u8,
+    broker: &Broker,
+    topics: &Topics,
+    seqs: Seqs,
+    stop: &CancellationToken,
+    bar: &indicatif::ProgressBar,
+) {
     bar.set_message(format!("QoS {qos}: connecting devices"));
     bar.set_length(args.devices as u64);
     bar.set_position(0);
@@ -215,24 +287,18 @@ async fn measure(
                 QoS::AtLeastOnce
             },
             interval: Duration::from_secs_f64(1.0 / args.rate),
-            readings: Some((warmup + measured) as u64),
+            readings: Some((seqs.warmup + seqs.measured) as u64),
             temperature_c: 20.0,
             first_seq: 1,
         };
-        fleet.push(Device::start(
-            broker,
-            &topics,
-            spec,
-            counters.clone(),
-            &stop,
-        ));
+        fleet.push(Device::start(broker, topics, spec, counters.clone(), stop));
         if n % 50 == 49 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         bar.set_position(counters.connected.load(Ordering::Relaxed));
     }
     bar.set_message(format!("QoS {qos}: publishing"));
-    let total = (args.devices as i64 * (warmup + measured)) as u64;
+    let total = (args.devices as i64 * (seqs.warmup + seqs.measured)) as u64;
     bar.set_length(total);
     let finished = futures::future::join_all(fleet.into_iter().map(Device::finished));
     tokio::pin!(finished);
@@ -244,29 +310,38 @@ async fn measure(
             }
         }
     }
+}
 
-    // Let what is in flight land: wait until the stored count stops growing.
-    bar.set_message(format!("QoS {qos}: draining"));
-    let expected = args.devices as i64 * measured;
+/// Lets what is in flight land: waits until `expected` readings are stored,
+/// or the stored count stops growing for 3 s, or a minute has passed.
+async fn drain(pool: &PgPool, seqs: Seqs, expected: i64) -> anyhow::Result<()> {
     let mut last = -1;
     let mut quiet_since = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let stored = stored_in_window(pool, first_measured, last_measured).await?;
+        let stored = stored_in_window(pool, seqs.first_measured(), seqs.last_measured()).await?;
         if stored >= expected || Instant::now() > deadline {
-            break;
+            return Ok(());
         }
         if stored != last {
             last = stored;
             quiet_since = Instant::now();
         } else if quiet_since.elapsed() > Duration::from_secs(3) {
-            break;
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
 
-    let published = expected as u64;
-    let sub = subscriber.finish(published, args.duration);
+/// The ingest's side, from the rows it stored: how many of the measured
+/// readings, how fast, and their latency from device timestamp to
+/// `stored_at`.
+async fn stored(
+    pool: &PgPool,
+    seqs: Seqs,
+    published: u64,
+    duration: Duration,
+) -> anyhow::Result<Side> {
     let (arrived, p50, p99, first, last_stored): (i64, Option<f64>, Option<f64>, Option<f64>, Option<f64>) =
         sqlx::query_as(
             "SELECT count(*), \
@@ -275,33 +350,22 @@ async fn measure(
                     extract(epoch FROM min(stored_at))::float8, extract(epoch FROM max(stored_at))::float8 \
              FROM readings WHERE seq BETWEEN $1 AND $2",
         )
-        .bind(first_measured)
-        .bind(last_measured)
+        .bind(seqs.first_measured())
+        .bind(seqs.last_measured())
         .fetch_one(pool)
         .await
         .context("reading the ingest's results")?;
     let span = match (first, last_stored) {
         (Some(a), Some(b)) if b > a => b - a,
-        _ => args.duration.as_secs_f64(),
+        _ => duration.as_secs_f64(),
     };
-    let duplicates = super::metric(&ingest_url, "telemetry_duplicates_total")
-        .await
-        .unwrap_or(0.0) as i64;
-    stop.cancel();
-    ingest.await??;
     let us = |s: Option<f64>| s.map_or(0, |s| (s.max(0.0) * 1e6) as u64);
-    Ok(Variant {
-        qos,
-        published,
-        subscriber: sub,
-        ingest: Side {
-            arrived: arrived as u64,
-            per_sec: arrived as f64 / span.max(args.duration.as_secs_f64() * 0.5),
-            lost: published.saturating_sub(arrived as u64),
-            p50_us: us(p50),
-            p99_us: us(p99),
-        },
-        duplicates,
+    Ok(Side {
+        arrived: arrived as u64,
+        per_sec: arrived as f64 / span.max(duration.as_secs_f64() * 0.5),
+        lost: published.saturating_sub(arrived as u64),
+        p50_us: us(p50),
+        p99_us: us(p99),
     })
 }
 
