@@ -1,7 +1,7 @@
-//! Every command shown in README.md and docs/*.md runs here, against the lab
-//! started natively with `lab up`, and its output is compared with the output
-//! the document shows. A doc that no longer matches the code fails the build,
-//! naming the file, the line and the difference.
+//! Every command shown in README.md, docs/*.md and docs/labs/*.md runs here,
+//! against the lab started natively with `lab up`, and its output is compared
+//! with the output the document shows. A doc that no longer matches the code
+//! fails the build, naming the file, the line and the difference.
 //!
 //! How documents are read:
 //! - a ```` ```console ```` block holds commands (`$ ` lines; a trailing `\`
@@ -169,17 +169,22 @@ fn check_test_reference(file: &str, n: usize, line: &str, problems: &mut Vec<Str
     }
 }
 
-/// The documents: README.md and every markdown file under docs/.
+/// The documents: README.md, every markdown file under docs/labs/, then every
+/// one under docs/. The lab pages run before docs/workshop.md: their outputs
+/// (a first page of one product, the cache counters) assume a lab nothing
+/// else has written to yet.
 fn documents() -> Vec<(String, String)> {
     let root = root();
     let mut files = vec![root.join("README.md")];
-    if let Ok(entries) = std::fs::read_dir(root.join("docs")) {
-        let mut docs: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "md"))
-            .collect();
-        docs.sort();
-        files.extend(docs);
+    for dir in ["docs/labs", "docs"] {
+        if let Ok(entries) = std::fs::read_dir(root.join(dir)) {
+            let mut docs: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "md"))
+                .collect();
+            docs.sort();
+            files.extend(docs);
+        }
     }
     files
         .into_iter()
@@ -421,42 +426,41 @@ fn run_file(file: &str, steps: &[Step], bin: &Path, work: &Path, problems: &mut 
         let code: Option<i32> = std::fs::read_to_string(dir.join(format!("{i}.status")))
             .ok()
             .and_then(|s| s.trim().parse().ok());
-        let place = format!("{}:{}: `{}`", step.file, step.line, step.command);
-        if code.is_none() {
-            problems.push(format!(
-                "{place}\n  never ran (an earlier command ended the session?)"
-            ));
-            continue;
+        if let Some(problem) = judge(step, code, output) {
+            problems.push(problem);
         }
-        let code = code.unwrap();
-        if !step.compare {
-            if code != 0 {
-                problems.push(format!("{place}\n  exited {code}; output:\n{output}"));
-            }
-            continue;
-        }
-        // curl prints no newline after a JSON body; the document shows one.
-        let mut output = output;
-        if !output.is_empty() && !output.ends_with('\n') {
-            output.push('\n');
-        }
-        let verdict = snapbox::Assert::new().normalize_paths(false).try_eq(
-            Some(&"actual output"),
-            snapbox::Data::text(output.clone()),
-            snapbox::Data::text(step.expected.clone()),
-        );
-        match verdict {
-            Err(diff) => problems.push(format!(
-                "{place}\n  exited {code}; output differs from the document:\n{diff}"
-            )),
-            // A failing command is fine only when the document shows its error output.
-            Ok(()) if code != 0 && step.expected.trim().is_empty() => {
-                problems.push(format!(
-                    "{place}\n  exited {code} with no output; the document expects success"
-                ));
-            }
-            Ok(()) => {}
-        }
+    }
+}
+
+/// What is wrong with one step's result, if anything.
+fn judge(step: &Step, code: Option<i32>, mut output: String) -> Option<String> {
+    let place = format!("{}:{}: `{}`", step.file, step.line, step.command);
+    let Some(code) = code else {
+        return Some(format!(
+            "{place}\n  never ran (an earlier command ended the session?)"
+        ));
+    };
+    if !step.compare {
+        return (code != 0).then(|| format!("{place}\n  exited {code}; output:\n{output}"));
+    }
+    // curl prints no newline after a JSON body; the document shows one.
+    if !output.is_empty() && !output.ends_with('\n') {
+        output.push('\n');
+    }
+    let verdict = snapbox::Assert::new().normalize_paths(false).try_eq(
+        Some(&"actual output"),
+        snapbox::Data::text(output),
+        snapbox::Data::text(step.expected.clone()),
+    );
+    match verdict {
+        Err(diff) => Some(format!(
+            "{place}\n  exited {code}; output differs from the document:\n{diff}"
+        )),
+        // A failing command is fine only when the document shows its error output.
+        Ok(()) if code != 0 && step.expected.trim().is_empty() => Some(format!(
+            "{place}\n  exited {code} with no output; the document expects success"
+        )),
+        Ok(()) => None,
     }
 }
 
