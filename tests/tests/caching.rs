@@ -479,13 +479,7 @@ async fn with_redis_cut_reads_bypass_writes_through_fail_and_nothing_acknowledge
     each_pattern_degrades_as_documented_while_redis_is_cut(&app, &id).await;
 
     proxy.restore();
-    for _ in 0..100 {
-        let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
-        if ready.status() == StatusCode::OK {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.wait_until_ready().await;
     the_stale_entry_is_bypassed_until_the_retry_deletes_it(&app, &id).await;
 
     // The refused write did not happen; every acknowledged view arrives.

@@ -10,10 +10,12 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use lab_core::{ApiError, Json, Query};
+use lab_core::{
+    ApiError, Json, Query,
+    openapi::{ErrorBody, ErrorDetail},
+};
 use serde::Deserialize;
-use utoipa::{IntoParams, OpenApi, ToSchema};
-use utoipa_swagger_ui::SwaggerUi;
+use utoipa::{IntoParams, OpenApi};
 
 use crate::domain::{Catalog, Error, NewProduct, Page, Product, ProductPatch};
 
@@ -51,23 +53,8 @@ impl IntoResponse for Error {
 )]
 pub struct ApiDoc;
 
-/// The error body every endpoint answers with.
-#[derive(ToSchema)]
-#[allow(dead_code)] // documents the JSON that `ApiError` writes
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(ToSchema)]
-#[allow(dead_code)]
-struct ErrorDetail {
-    /// `malformed`, `invalid`, `not_found`, `conflict`, `too_large`, `unavailable`, `internal`.
-    code: String,
-    message: String,
-}
-
 pub fn routes(catalog: Catalog) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/products", get(list_products).post(create_product))
         .route(
             "/v1/products/{id}",
@@ -75,8 +62,8 @@ pub fn routes(catalog: Catalog) -> Router {
                 .patch(update_product)
                 .delete(delete_product),
         )
-        .with_state(catalog)
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .with_state(catalog);
+    lab_core::openapi::with_docs(routes, ApiDoc::openapi())
 }
 
 /// Create a product.

@@ -18,8 +18,10 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
-/// Exponential backoff: the first wait is about `min`, each next one about
-/// twice as long, never more than about `max`, each with random jitter.
+/// Exponential backoff: the first wait is between `min` and twice `min`,
+/// each next one about twice as long, never more than `max`. The random part
+/// (jitter) is what keeps clients that lost a service together from coming
+/// back together.
 #[derive(Debug)]
 pub struct Backoff {
     builder: ExponentialBuilder,
@@ -49,8 +51,9 @@ impl Backoff {
 
     /// The wait before the next attempt; each call gives a longer one.
     pub fn next_delay(&mut self) -> Duration {
-        // Without a limit on attempts the schedule never ends.
-        self.delays.next().unwrap_or(self.max)
+        // Without a limit on attempts the schedule never ends. backon adds
+        // its jitter (up to the wait itself) after its own cap: cap again.
+        self.delays.next().unwrap_or(self.max).min(self.max)
     }
 
     /// Starts over from the shortest wait, after an attempt that worked.
@@ -70,8 +73,11 @@ mod tests {
         let waits: Vec<Duration> = (0..12).map(|_| backoff.next_delay()).collect();
         // Jitter adds up to one more wait of the same size, never less.
         assert!(waits[0] >= min && waits[0] <= 2 * min, "{waits:?}");
-        assert!(waits.iter().all(|w| *w <= 2 * max), "{waits:?}");
-        assert!(waits[11] >= max, "reaches the cap: {waits:?}");
+        assert!(
+            waits.iter().all(|w| *w <= max),
+            "never over the cap: {waits:?}"
+        );
+        assert_eq!(waits[11], max, "reaches the cap: {waits:?}");
         backoff.reset();
         let again = backoff.next_delay();
         assert!(again <= 2 * min, "starts over: {again:?}");

@@ -17,6 +17,7 @@ pub mod error;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod openapi;
 pub mod postgres;
 pub mod proxy;
 pub mod redis;

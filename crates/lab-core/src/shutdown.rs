@@ -58,7 +58,9 @@ async fn wait_for_signal() {
 
 /// Runs a service's servers and workers side by side until all of them
 /// return. The first one to fail cancels `shutdown`, so the others drain
-/// instead of running on half a service. Once shutdown has begun they get
+/// instead of running on half a service. The first failure is returned (the
+/// caller reports it); any later one is logged here, so none goes unsaid.
+/// Once shutdown has begun they get
 /// [`DRAIN_TIMEOUT`] to finish: a stream that never ends (a gRPC health
 /// `Watch`, a forgotten long poll) must not keep the process alive forever.
 pub async fn supervise(
@@ -76,29 +78,53 @@ pub async fn supervise(
             result
         });
     }
+    let mut first_error = None;
     let all_done = async {
-        let mut first_error = None;
         while let Some(joined) = running.join_next().await {
             if joined.is_err() {
                 // A panic skipped the task's own cancel: stop the rest too.
                 shutdown.cancel();
             }
             let result = joined.context("a task panicked").and_then(|r| r);
-            if let Err(err) = result {
-                first_error.get_or_insert(err);
+            match (result, &first_error) {
+                (Err(err), None) => first_error = Some(err),
+                (Err(err), Some(_)) => tracing::error!("{err:#}"),
+                (Ok(()), _) => {}
             }
         }
-        first_error.map_or(Ok(()), Err)
     };
     let deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(DRAIN_TIMEOUT).await;
     };
     tokio::select! {
-        result = all_done => result,
+        () = all_done => {}
         () = deadline => {
             tracing::warn!("still draining after {DRAIN_TIMEOUT:?}; stopping the rest");
-            Ok(())
         }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failure is not lost because another task is slow to drain: the
+    /// drain deadline cuts the wait short, and the failure is still what
+    /// `supervise` returns (a `lab up` whose lab failed must not exit 0).
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_is_returned_even_when_a_task_outlives_the_drain() {
+        let shutdown = CancellationToken::new();
+        let failing: BoxFuture<'static, anyhow::Result<()>> =
+            Box::pin(async { anyhow::bail!("the port is taken") });
+        let stubborn: BoxFuture<'static, anyhow::Result<()>> = Box::pin(async {
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+        let result = supervise(&shutdown, vec![("a", failing), ("b", stubborn)]).await;
+        let err = result.expect_err("the failure must come back");
+        assert!(format!("{err:#}").contains("a failed: the port is taken"), "{err:#}");
+        assert!(shutdown.is_cancelled(), "the failure stops the others");
     }
 }

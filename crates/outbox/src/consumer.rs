@@ -502,6 +502,6 @@ pub async fn serve(
             stats: consumer.stats(),
         });
     let worker = consumer.run(shutdown.clone());
-    let worker = crate::Worker::new("consumer", worker, pool, amqp_url, metrics);
+    let worker = crate::Worker::new("the consuming loop", worker, pool, amqp_url, metrics);
     worker.serve(listener, routes, shutdown).await
 }

@@ -270,8 +270,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// The `/readyz` check for RabbitMQ: a connection opens (and is closed again).
 /// The relay or the consumer: a loop that talks to Postgres and RabbitMQ,
 /// served next to an HTTP port of its own (its routes, `/healthz`, `/readyz`
-/// naming both, `/metrics`) and supervised with it: either stopping stops
-/// the other.
+/// naming both, `/metrics`) and supervised with it: a failure of either
+/// stops both.
 pub(crate) struct Worker {
     name: &'static str,
     work: BoxFuture<'static, anyhow::Result<()>>,
@@ -309,7 +309,7 @@ impl Worker {
         lab_core::shutdown::supervise(
             &shutdown,
             vec![
-                ("HTTP server", Box::pin(async move { Ok(http.await?) })),
+                ("its HTTP server", Box::pin(async move { Ok(http.await?) })),
                 (self.name, self.work),
             ],
         )
@@ -317,6 +317,7 @@ impl Worker {
     }
 }
 
+/// The `/readyz` check: a connection to RabbitMQ opens (and is closed).
 pub(crate) fn broker_dependency(amqp_url: String) -> lab_core::http::Dependency {
     lab_core::http::Dependency::new("rabbitmq", move || {
         let url = amqp_url.clone();

@@ -399,6 +399,6 @@ pub async fn serve(
         .route("/status", get(status))
         .with_state(relay.state());
     let worker = relay.run(shutdown.clone());
-    let worker = crate::Worker::new("relay", worker, pool, amqp_url, metrics);
+    let worker = crate::Worker::new("the publishing loop", worker, pool, amqp_url, metrics);
     worker.serve(listener, routes, shutdown).await
 }
