@@ -608,6 +608,19 @@ async fn bad_orders_get_the_documented_errors(pool: PgPool) {
             422,
             "delivery",
         ),
+        // Postgres cannot store NUL in text or jsonb: refused up front, not a 500.
+        (
+            "/orders",
+            json!({"customer_id": "a\u{0}b", "items": [item(1)]}),
+            422,
+            "customer_id",
+        ),
+        (
+            "/orders",
+            json!({"customer_id": "c", "items": [{"sku": "A\u{0}", "quantity": 1, "price_cents": 1}]}),
+            422,
+            "items[].sku",
+        ),
     ];
     for (path, body, status, names) in cases {
         let (got, error) = create_order(&api, path, &body).await;
@@ -735,4 +748,30 @@ async fn an_idle_relay_notices_a_lost_broker_and_reconnects(pool: PgPool) {
     )
     .await;
     relay.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_relay_batch_size_below_one_is_refused_at_start(pool: PgPool) {
+    // A batch of 0 would select nothing forever: the relay would spin
+    // without publishing. It must not start.
+    let topology = OutboxTopology::new();
+    let settings = outbox::Settings {
+        relay_batch_size: 0,
+        ..topology.settings.clone()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let started = tokio::time::timeout(
+        Duration::from_secs(10),
+        outbox::relay::serve(
+            listener,
+            pool,
+            amqp_url(),
+            settings,
+            tokio_util::sync::CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("the relay must refuse at once, not run");
+    let err = started.expect_err("a batch size of 0 must be refused");
+    assert!(format!("{err:#}").contains("RELAY_BATCH_SIZE"), "{err:#}");
 }

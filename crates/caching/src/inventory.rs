@@ -35,10 +35,13 @@ use lab_core::Json;
 use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 
+use lab_core::openapi::ErrorBody;
+use utoipa::ToSchema;
+
 use crate::{App, Error, Result, invalid};
 use lab_core::error::DependencyError;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Stock {
     pub sku: String,
     pub quantity: i64,
@@ -46,15 +49,17 @@ pub struct Stock {
     pub version: i64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetQuantity {
+    #[schema(minimum = 0)]
     quantity: i64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reserve {
+    #[schema(minimum = 1)]
     quantity: i64,
 }
 
@@ -99,6 +104,16 @@ async fn cache_set(app: &App, stock: &Stock) -> redis::RedisResult<()> {
 }
 
 /// `PUT /inventory/{sku}`: set the quantity (creating the record if new).
+#[utoipa::path(
+    put, path = "/inventory/{sku}", request_body = SetQuantity,
+    params(("sku" = String, Path, description = "1–64 of A-Z, 0-9, -")),
+    responses(
+        (status = 200, body = Stock), (status = 400, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        (status = 503, description = "Postgres or Redis is down; nothing was written", body = ErrorBody),
+    )
+)]
 pub async fn set(
     State(app): State<App>,
     Path(sku): Path<String>,
@@ -130,6 +145,17 @@ pub async fn set(
 }
 
 /// `POST /inventory/{sku}/reserve`: take stock, or 409 when there is not enough.
+#[utoipa::path(
+    post, path = "/inventory/{sku}/reserve", request_body = Reserve,
+    params(("sku" = String, Path, description = "1–64 of A-Z, 0-9, -")),
+    responses(
+        (status = 200, body = Stock), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        (status = 503, description = "Postgres or Redis is down; nothing was written", body = ErrorBody),
+    )
+)]
 pub async fn reserve(
     State(app): State<App>,
     Path(sku): Path<String>,
@@ -204,6 +230,15 @@ async fn write_through(
 }
 
 /// `GET /inventory/{sku}`: from Redis; on a miss from Postgres, filling Redis.
+#[utoipa::path(
+    get, path = "/inventory/{sku}",
+    params(("sku" = String, Path, description = "1–64 of A-Z, 0-9, -")),
+    responses(
+        (status = 200, body = Stock), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 pub async fn get(State(app): State<App>, Path(sku): Path<String>) -> Result<Response> {
     validate_sku(&sku)?;
     if app.is_stale(&key(&app, &sku)) {

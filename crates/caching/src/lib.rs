@@ -223,8 +223,32 @@ impl App {
     }
 }
 
+/// The caching lab's HTTP API, as served at `GET /openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "System Design Lab: caching",
+        description = "Cache-aside profiles, write-through inventory and write-behind page views, on Redis in front of Postgres."
+    ),
+    paths(
+        profiles::create,
+        profiles::get,
+        profiles::update,
+        profiles::delete,
+        inventory::get,
+        inventory::set,
+        inventory::reserve,
+        views::record,
+        views::get,
+        stats::get
+    ),
+    components(schemas(lab_core::openapi::ErrorBody, lab_core::openapi::ErrorDetail))
+)]
+pub struct ApiDoc;
+
 pub fn routes(app: App) -> Router {
-    Router::new()
+    use utoipa::OpenApi;
+    let routes = Router::new()
         .route("/profiles", post(profiles::create))
         .route(
             "/profiles/{id}",
@@ -236,7 +260,8 @@ pub fn routes(app: App) -> Router {
         .route("/inventory/{sku}/reserve", post(inventory::reserve))
         .route("/pages/{page}/views", get(views::get).post(views::record))
         .route("/stats", get(stats::get))
-        .with_state(app)
+        .with_state(app);
+    lab_core::openapi::with_docs(routes, ApiDoc::openapi())
 }
 
 /// Runs the caching lab until `shutdown` fires; the write-behind flusher

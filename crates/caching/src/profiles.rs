@@ -36,9 +36,12 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use lab_core::openapi::ErrorBody;
+use utoipa::{IntoParams, ToSchema};
+
 use crate::{App, Error, Result, Switch, invalid, jittered_ttl};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct Profile {
     pub id: Uuid,
     pub name: String,
@@ -47,12 +50,18 @@ pub struct Profile {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileInput {
+    /// 1–100 characters, not all blank.
+    #[schema(min_length = 1, max_length = 100)]
     pub name: String,
+    /// Looks like name@example.com; at most 254 bytes.
+    #[schema(min_length = 3, max_length = 254)]
     pub email: String,
+    /// At most 1000 characters.
     #[serde(default)]
+    #[schema(max_length = 1000)]
     pub bio: String,
 }
 
@@ -115,6 +124,16 @@ fn cache_key(app: &App, id: Uuid) -> String {
     app.key(&format!("profile:{id}"))
 }
 
+/// Create a profile (Postgres only; the cache fills on the first read).
+#[utoipa::path(
+    post, path = "/profiles", request_body = ProfileInput,
+    responses(
+        (status = 201, description = "Created; `Location` names it", body = Profile),
+        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 pub async fn create(
     State(app): State<App>,
     Json(input): Json<ProfileInput>,
@@ -140,13 +159,23 @@ pub async fn create(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ReadParams {
     /// `skip` reads Postgres directly (the benchmark's baseline).
     cache: Option<String>,
 }
 
+/// Read a profile, cache-aside; `X-Cache` says hit, miss or bypass.
+#[utoipa::path(
+    get, path = "/profiles/{id}",
+    params(("id" = String, Path, description = "Profile id (UUID)"), ReadParams),
+    responses(
+        (status = 200, body = Profile), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(app): State<App>,
     Path(id): Path<String>,
@@ -301,6 +330,17 @@ async fn load(app: &App, id: Uuid) -> Result<Option<Profile>> {
         .map_err(|err| app.pg_error(err))
 }
 
+/// Replace a profile, then delete its cache entry.
+#[utoipa::path(
+    put, path = "/profiles/{id}", request_body = ProfileInput,
+    params(("id" = String, Path, description = "Profile id (UUID)")),
+    responses(
+        (status = 200, body = Profile), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 pub async fn update(
     State(app): State<App>,
     Path(id): Path<String>,
@@ -325,6 +365,16 @@ pub async fn update(
     Ok(Json(profile))
 }
 
+/// Delete a profile, then its cache entry.
+#[utoipa::path(
+    delete, path = "/profiles/{id}",
+    params(("id" = String, Path, description = "Profile id (UUID)")),
+    responses(
+        (status = 204, description = "Deleted"), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 pub async fn delete(State(app): State<App>, Path(id): Path<String>) -> Result<StatusCode> {
     let id = parse_id(&id)?;
     let done = sqlx::query("DELETE FROM profiles WHERE id = $1")

@@ -65,6 +65,12 @@ impl Stats {
     }
 }
 
+/// What the cache has been doing: hits, misses and bypasses, Postgres reads
+/// and writes, the write-behind backlog, and what Redis says about itself.
+#[utoipa::path(
+    get, path = "/stats",
+    responses((status = 200, description = "Counters since start", body = Object))
+)]
 pub async fn get(State(app): State<App>) -> Json<Value> {
     let s = &app.stats;
     let write_behind = match views::backlog(&app).await {

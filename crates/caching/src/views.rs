@@ -34,6 +34,9 @@ use redis::{
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use lab_core::openapi::ErrorBody;
+use utoipa::{IntoParams, ToSchema};
+
 use crate::{App, Result, invalid};
 use lab_core::error::DependencyError;
 
@@ -58,7 +61,7 @@ fn counter_key(app: &App, page: &str) -> String {
     app.key(&format!("views:count:{page}"))
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Views {
     pub page: String,
     pub views: i64,
@@ -66,7 +69,16 @@ pub struct Views {
     pub source: String,
 }
 
-/// `POST /pages/{page}/views`
+/// `POST /pages/{page}/views`: counted in Redis at once (202), stored in
+/// Postgres by the flusher.
+#[utoipa::path(
+    post, path = "/pages/{page}/views",
+    params(("page" = String, Path, description = "1–100 of A-Z a-z 0-9 - _ .")),
+    responses(
+        (status = 202, body = Views), (status = 422, body = ErrorBody),
+        (status = 503, description = "Redis is down; the view was not taken", body = ErrorBody),
+    )
+)]
 pub async fn record(
     State(app): State<App>,
     Path(page): Path<String>,
@@ -96,13 +108,22 @@ pub async fn record(
     Ok((StatusCode::ACCEPTED, Json(body)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
+    /// `redis` (the default: the immediate count) or `db` (as of the last flush).
     source: Option<String>,
 }
 
 /// `GET /pages/{page}/views[?source=db]`
+#[utoipa::path(
+    get, path = "/pages/{page}/views",
+    params(("page" = String, Path, description = "1–100 of A-Z a-z 0-9 - _ ."), Source),
+    responses(
+        (status = 200, body = Views), (status = 422, body = ErrorBody),
+        (status = 503, description = "Redis (or, with source=db, Postgres) is down", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(app): State<App>,
     Path(page): Path<String>,

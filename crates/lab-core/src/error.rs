@@ -8,7 +8,7 @@
 use axum::{
     extract::{
         FromRequest, FromRequestParts, Request,
-        rejection::{JsonRejection, QueryRejection},
+        rejection::{JsonRejection, PathRejection, QueryRejection},
     },
     http::{StatusCode, request::Parts},
     response::{IntoResponse, Response},
@@ -206,6 +206,44 @@ impl From<QueryRejection> for ApiError {
                 .split_once("query string: ")
                 .map_or(detail.clone(), |(_, rest)| rest.to_owned()),
         )
+    }
+}
+
+/// A path parameter that does not parse (`/orders/not-a-uuid`) is 422 like
+/// any other invalid field, naming it; one that is not UTF-8 at all is 400.
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        use axum::extract::path::ErrorKind;
+        let detail = rejection.body_text();
+        let detail = detail.strip_prefix("Invalid URL: ").unwrap_or(&detail);
+        match &rejection {
+            PathRejection::FailedToDeserializePathParams(inner) => match inner.kind() {
+                ErrorKind::InvalidUtf8InPathParam { .. } => Self::malformed(detail),
+                ErrorKind::ParseErrorAtKey { key, value, .. } => {
+                    Self::invalid(key, format!("{value:?} is not valid here"))
+                }
+                _ => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", detail),
+            },
+            _ => Self::internal(),
+        }
+    }
+}
+
+/// `axum::extract::Path`, but its rejections answer in the lab's error format.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path(value) =
+            axum::extract::Path::<T>::from_request_parts(parts, state).await?;
+        Ok(Self(value))
     }
 }
 

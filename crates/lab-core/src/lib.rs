@@ -23,4 +23,4 @@ pub mod proxy;
 pub mod redis;
 pub mod shutdown;
 
-pub use error::{ApiError, Json, Query};
+pub use error::{ApiError, Json, Path, Query};

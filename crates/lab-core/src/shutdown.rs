@@ -124,7 +124,10 @@ mod tests {
         });
         let result = supervise(&shutdown, vec![("a", failing), ("b", stubborn)]).await;
         let err = result.expect_err("the failure must come back");
-        assert!(format!("{err:#}").contains("a failed: the port is taken"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("a failed: the port is taken"),
+            "{err:#}"
+        );
         assert!(shutdown.is_cancelled(), "the failure stops the others");
     }
 }

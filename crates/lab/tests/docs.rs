@@ -22,14 +22,16 @@
 //! The lab runs on its default ports with a fresh database that is dropped
 //! afterwards, so this test needs those ports free.
 
+mod support;
+
 use std::{
     fmt::Write as _,
-    io::Read,
     net::TcpStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
 };
+
+use support::{LabUp, drop_database};
 
 const TOOLS: &[(&str, &str)] = &[
     ("curl", "apt-get install curl"),
@@ -195,112 +197,43 @@ fn documents() -> Vec<(String, String)> {
         .collect()
 }
 
-/// `lab up` on the default ports, stopped with SIGTERM when dropped.
-struct Lab {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Lab {
-    fn start(bin: &Path, database_url: &str, log: PathBuf) -> Self {
-        for port in [8080, 8081, 8082, 8083, 8084, 8086, 9082, 9083, 9084, 50051] {
-            assert!(
-                TcpStream::connect(("127.0.0.1", port)).is_err(),
-                "port {port} is in use; the docs test runs `lab up` on the default ports. \
-                 Stop whatever listens there (your own `lab up`?) and run again."
-            );
-        }
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin)
-            .arg("up")
-            .env("DATABASE_URL", database_url)
-            // Its own Redis keys, so counts start at zero on every run.
-            .env(
-                "CACHE_KEY_PREFIX",
-                format!("lab:docs:{}:", std::process::id()),
-            )
-            // Its own exchange and queue, so a learner's running lab (and
-            // its consumer) never sees the docs' events.
-            .env("OUTBOX_EXCHANGE", "lab.docs.events")
-            .env("OUTBOX_QUEUE", "lab.docs.notifications")
-            // Its own chat rooms: a learner's lobby is not the docs' lobby.
-            .env("CHAT_KEY_PREFIX", chat_prefix())
-            // Its own MQTT session and share group: a learner's ingest
-            // neither takes half the docs' readings nor leaves a backlog
-            // queued for the docs' client id.
-            .env(
-                "TELEMETRY_CLIENT_ID",
-                format!("lab-docs-{}", std::process::id()),
-            )
-            .env(
-                "TELEMETRY_SHARE_GROUP",
-                format!("lab-docs-{}", std::process::id()),
-            )
-            .env("INGEST_SESSION_EXPIRY_SECS", "60")
-            .env("RUST_LOG", "warn")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start lab up");
-        let lab = Self { child, log };
-        lab.wait_ready();
-        lab
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if [8080, 8081, 8082, 8083, 8084, 9082, 9083]
-                .iter()
-                .all(|port| http_get_status(*port, "/readyz") == Some(200))
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!(
-            "lab up did not become ready within 60 s; its log:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
+/// `lab up` on the default ports, with its own keys, queues and MQTT
+/// session, so a learner's running lab and the docs never mix.
+fn start_lab(bin: &Path, database_url: &str, log: PathBuf) -> LabUp {
+    for port in DEFAULT_PORTS {
+        assert!(
+            TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} is in use; the docs test runs `lab up` on the default ports. \
+             Stop whatever listens there (your own `lab up`?) and run again."
         );
     }
-
-    /// SIGTERM, then the exit status: the graceful-shutdown contract.
-    fn stop(mut self) -> std::process::ExitStatus {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lab up did not exit within 30 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    let pid = std::process::id();
+    let envs = [
+        ("DATABASE_URL", database_url.to_owned()),
+        // Its own Redis keys, so counts start at zero on every run.
+        ("CACHE_KEY_PREFIX", format!("lab:docs:{pid}:")),
+        // Its own exchange and queue, so a learner's running lab (and its
+        // consumer) never sees the docs' events.
+        ("OUTBOX_EXCHANGE", "lab.docs.events".into()),
+        ("OUTBOX_QUEUE", "lab.docs.notifications".into()),
+        // Its own chat rooms: a learner's lobby is not the docs' lobby.
+        ("CHAT_KEY_PREFIX", chat_prefix()),
+        // Its own MQTT session and share group: a learner's ingest neither
+        // takes half the docs' readings nor leaves a backlog queued for the
+        // docs' client id.
+        ("TELEMETRY_CLIENT_ID", format!("lab-docs-{pid}")),
+        ("TELEMETRY_SHARE_GROUP", format!("lab-docs-{pid}")),
+        ("INGEST_SESSION_EXPIRY_SECS", "60".into()),
+        ("RUST_LOG", "warn".into()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v));
+    LabUp::start(bin, &envs, &READY_PORTS, log)
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A minimal HTTP/1.0 GET, enough to poll /readyz without another client.
-fn http_get_status(port: u16, path: &str) -> Option<u16> {
-    use std::io::Write;
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
-}
+/// Every port `lab up` listens on by default (and the compose chat-2's).
+const DEFAULT_PORTS: [u16; 10] = [8080, 8081, 8082, 8083, 8084, 8086, 9082, 9083, 9084, 50051];
+/// The HTTP ports whose `/readyz` says the lab is up.
+const READY_PORTS: [u16; 7] = [8080, 8081, 8082, 8083, 8084, 9082, 9083];
 
 /// The chat's key prefix for `lab up` and for the documents' commands alike:
 /// a second chat instance a document starts shares the docs' rooms.
@@ -319,13 +252,7 @@ fn as_run(command: &str) -> String {
 fn every_documented_command_works_as_written() {
     let missing: Vec<String> = TOOLS
         .iter()
-        .filter(|(tool, _)| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .map(|o| !o.status.success())
-                .unwrap_or(true)
-        })
+        .filter(|(tool, _)| !support::has_tool(tool))
         .map(|(tool, install)| format!("{tool} ({install})"))
         .collect();
     assert!(
@@ -349,7 +276,7 @@ fn every_documented_command_works_as_written() {
     let database = format!("lab_docs_{}", std::process::id());
     let database_url = format!("postgres://postgres:postgres@localhost:5432/{database}");
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_lab"));
-    let lab = Lab::start(&bin, &database_url, work.join("lab-up.log"));
+    let lab = start_lab(&bin, &database_url, work.join("lab-up.log"));
 
     for (file, steps) in &files {
         if !steps.is_empty() {
@@ -461,13 +388,5 @@ fn judge(step: &Step, code: Option<i32>, mut output: String) -> Option<String> {
             "{place}\n  exited {code} with no output; the document expects success"
         )),
         Ok(()) => None,
-    }
-}
-
-fn drop_database(url: &str) {
-    use sqlx::migrate::MigrateDatabase;
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    if let Err(err) = runtime.block_on(sqlx::Postgres::force_drop_database(url)) {
-        eprintln!("could not drop the docs database: {err}");
     }
 }

@@ -49,6 +49,8 @@ use crate::{
     events::{self, Event, ORDER_CANCELLED, ORDER_CREATED},
 };
 use lab_core::backoff::Backoff;
+use lab_core::openapi::ErrorBody;
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 /// Deliveries handled side by side (one order's events always share a lane).
 const LANES: usize = 4;
@@ -68,7 +70,7 @@ pub struct ConsumerStats {
     connected: Gauge,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct StatsBody {
     pub broker_connected: bool,
     pub handled: u64,
@@ -428,7 +430,7 @@ fn lane_of(delivery: &Delivery) -> usize {
 }
 
 /// One row of `GET /notifications`.
-#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct Notification {
     pub id: i64,
     pub event_id: Uuid,
@@ -439,11 +441,14 @@ pub struct Notification {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct NotificationQuery {
+    /// Only this order's notifications.
     order_id: Option<Uuid>,
+    /// 1–1000, default 50: the latest this many.
     #[serde(default = "default_limit")]
+    #[param(minimum = 1, maximum = 1000)]
     limit: i64,
 }
 
@@ -459,6 +464,13 @@ struct Api {
 
 /// `GET /notifications?order_id=&limit=`: what the consumer did, newest
 /// last for one order, the latest `limit` otherwise.
+#[utoipa::path(
+    get, path = "/notifications", params(NotificationQuery),
+    responses(
+        (status = 200, body = Vec<Notification>), (status = 422, body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 async fn notifications(
     State(api): State<Api>,
     Query(query): Query<NotificationQuery>,
@@ -479,9 +491,23 @@ async fn notifications(
     Ok(Json(rows))
 }
 
+/// What the consumer has done since it started.
+#[utoipa::path(get, path = "/stats", responses((status = 200, body = StatsBody)))]
 async fn stats(State(api): State<Api>) -> Json<StatsBody> {
     Json(api.stats.body())
 }
+
+/// The consumer's HTTP API, as served at `GET /openapi.json` on its port.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "System Design Lab: outbox (consumer)",
+        description = "What the idempotent consumer did with the events it received."
+    ),
+    paths(notifications, stats),
+    components(schemas(ErrorBody, lab_core::openapi::ErrorDetail))
+)]
+pub struct ApiDoc;
 
 /// Runs a consumer, with `/notifications`, `/stats`, `/healthz`, `/readyz`
 /// and `/metrics` on `listener`.
@@ -501,6 +527,7 @@ pub async fn serve(
             pool: pool.clone(),
             stats: consumer.stats(),
         });
+    let routes = lab_core::openapi::with_docs(routes, ApiDoc::openapi());
     let worker = consumer.run(shutdown.clone());
     let worker = crate::Worker::new("the consuming loop", worker, pool, amqp_url, metrics);
     worker.serve(listener, routes, shutdown).await

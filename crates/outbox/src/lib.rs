@@ -79,11 +79,12 @@ pub struct Settings {
     /// NOTIFY the relay when an event commits; `off` leaves it to the poll.
     #[arg(long = "outbox-notify", env = "OUTBOX_NOTIFY", value_enum, default_value_t = Switch::On)]
     pub notify: Switch,
-    /// At most this many events per relay batch (and publisher-confirm window).
+    /// At most this many events per relay batch (and publisher-confirm window); 1 or more.
     #[arg(
         long = "relay-batch-size",
         env = "RELAY_BATCH_SIZE",
-        default_value_t = 500
+        default_value_t = 500,
+        value_parser = clap::value_parser!(i64).range(1..)
     )]
     pub relay_batch_size: i64,
     /// The relay looks for events at least this often, NOTIFY or not.

@@ -15,19 +15,20 @@ use std::sync::Arc;
 
 use axum::{
     Router,
-    extract::{Path, State},
+    extract::State,
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use chrono::{DateTime, Utc};
-use lab_core::{Json, Query, metrics::Metrics};
+use lab_core::{Json, Path, Query, metrics::Metrics, openapi::ErrorBody};
 use lapin::{Channel, Connection, options::ConfirmSelectOptions};
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, types::Json as Jsonb};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use utoipa::{IntoParams, OpenApi, ToSchema};
 use uuid::Uuid;
 
 use crate::{
@@ -37,7 +38,7 @@ use crate::{
 };
 
 /// How an order's events leave the service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Delivery {
     /// Event row in the same transaction; the relay publishes it.
@@ -56,22 +57,29 @@ impl Delivery {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewOrder {
+    /// 1–64 characters (surrounding blanks are trimmed).
+    #[schema(min_length = 1, max_length = 64)]
     pub customer_id: String,
+    /// 1–100 items.
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<Item>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Item {
+    #[schema(min_length = 1, max_length = 64)]
     pub sku: String,
+    #[schema(minimum = 1, maximum = 10000)]
     pub quantity: i64,
+    #[schema(minimum = 0, maximum = 100000000)]
     pub price_cents: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct Order {
     pub id: Uuid,
     pub customer_id: String,
@@ -94,6 +102,11 @@ pub fn validate(order: &NewOrder) -> Result<i64> {
     if customer.is_empty() || customer.chars().count() > 64 {
         return Err(invalid("customer_id", "must be 1 to 64 characters"));
     }
+    // Postgres stores neither in text nor in jsonb a NUL character: refuse
+    // it here, naming the field, rather than fail in SQL with a 500.
+    if customer.contains('\0') {
+        return Err(invalid("customer_id", "must not contain NUL characters"));
+    }
     if order.items.is_empty() {
         return Err(invalid("items", "an order needs at least one item"));
     }
@@ -104,6 +117,9 @@ pub fn validate(order: &NewOrder) -> Result<i64> {
     for item in &order.items {
         if item.sku.trim().is_empty() || item.sku.chars().count() > 64 {
             return Err(invalid("items[].sku", "must be 1 to 64 characters"));
+        }
+        if item.sku.contains('\0') {
+            return Err(invalid("items[].sku", "must not contain NUL characters"));
         }
         if !(1..=MAX_QUANTITY).contains(&item.quantity) {
             return Err(invalid(
@@ -403,9 +419,11 @@ impl DualWriter {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct CreateParams {
+    /// `outbox` (the default: the event commits with the order) or
+    /// `dual-write` (commit, then publish: the naive path that loses events).
     #[serde(default)]
     delivery: Delivery,
 }
@@ -425,6 +443,21 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>> {
     }
 }
 
+/// Place an order; its `order.created` event goes out by the chosen path.
+#[utoipa::path(
+    post, path = "/orders", request_body = NewOrder,
+    params(
+        CreateParams,
+        ("Idempotency-Key" = Option<String>, Header, description = "1–255 visible ASCII characters; a retry with the same key returns the first order"),
+    ),
+    responses(
+        (status = 201, description = "Created (or, with `Idempotent-Replayed: true`, the order this key created before)", body = Order),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 async fn create(
     State(app): State<Api>,
     Query(params): Query<CreateParams>,
@@ -442,16 +475,37 @@ async fn create(
     Ok(response)
 }
 
+/// Cancel an order; its `order.cancelled` event goes out by the outbox.
+#[utoipa::path(
+    post, path = "/orders/{id}/cancel",
+    params(("id" = Uuid, Path, description = "Order id")),
+    responses(
+        (status = 200, body = Order), (status = 404, body = ErrorBody),
+        (status = 409, description = "Cancelled already", body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 async fn cancel(State(app): State<Api>, Path(id): Path<Uuid>) -> Result<Json<Order>> {
     Ok(Json(app.orders.cancel(id).await?))
 }
 
+/// Read an order.
+#[utoipa::path(
+    get, path = "/orders/{id}",
+    params(("id" = Uuid, Path, description = "Order id")),
+    responses(
+        (status = 200, body = Order), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 async fn get_order(State(app): State<Api>, Path(id): Path<Uuid>) -> Result<Json<Order>> {
     Ok(Json(app.orders.get(id).await?))
 }
 
 /// `GET /outbox/stats`: what the relay still has to do.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct OutboxStats {
     pub pending: i64,
     pub published: i64,
@@ -459,7 +513,7 @@ pub struct OutboxStats {
     pub by_type: std::collections::BTreeMap<String, TypeStats>,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
 pub struct TypeStats {
     pub pending: i64,
     pub published: i64,
@@ -495,6 +549,14 @@ pub async fn outbox_stats(pool: &PgPool) -> sqlx::Result<OutboxStats> {
     Ok(stats)
 }
 
+/// Outbox rows pending and published, by event type.
+#[utoipa::path(
+    get, path = "/outbox/stats",
+    responses(
+        (status = 200, body = OutboxStats),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 async fn stats(State(app): State<Api>) -> Result<Json<OutboxStats>> {
     let pool = &app.orders.pool;
     Ok(Json(
@@ -507,13 +569,26 @@ struct Api {
     orders: Orders,
 }
 
+/// The orders API, as served at `GET /openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "System Design Lab: outbox (orders API)",
+        description = "Orders whose events reach RabbitMQ through a transactional outbox, or (?delivery=dual-write) through the naive dual write that loses them."
+    ),
+    paths(create, get_order, cancel, stats),
+    components(schemas(ErrorBody, lab_core::openapi::ErrorDetail))
+)]
+pub struct ApiDoc;
+
 pub fn routes(orders: Orders) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/orders", post(create))
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/cancel", post(cancel))
         .route("/outbox/stats", get(stats))
-        .with_state(Api { orders })
+        .with_state(Api { orders });
+    lab_core::openapi::with_docs(routes, ApiDoc::openapi())
 }
 
 /// Serves the orders API on a listener the caller bound (tests bind port 0).

@@ -393,6 +393,14 @@ pub async fn serve(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // A batch of 0 selects nothing, forever: the relay would spin without
+    // publishing. (clap refuses it from the environment; this refuses it
+    // from a caller that builds Settings by hand.)
+    anyhow::ensure!(
+        settings.relay_batch_size >= 1,
+        "RELAY_BATCH_SIZE must be 1 or more, not {}",
+        settings.relay_batch_size
+    );
     let metrics = Metrics::new("outbox_relay");
     let relay = Relay::new(pool.clone(), amqp_url.clone(), settings, &metrics);
     let routes = Router::new()
