@@ -12,7 +12,7 @@ use redis::AsyncCommands;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use workshop::{CachingApp, redis_url};
+use workshop::{CachingApp, eventually, redis_url};
 
 async fn create_profile(app: &CachingApp, name: &str) -> String {
     let response = app
@@ -618,4 +618,106 @@ async fn shutdown_drains_the_write_behind_buffer(pool: PgPool) {
     let left: u64 = redis.xlen(format!("{prefix}views:stream")).await.unwrap();
     assert_eq!(left, 0, "the stream was drained");
     workshop::delete_keys(&mut redis, &prefix).await;
+}
+
+/// A caching service whose Redis is reached through a proxy the test holds.
+async fn caching_behind_a_proxy(pool: &PgPool, settings: caching::Settings) -> (Proxy, CachingApp) {
+    let target = redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let proxy = Proxy::start(&target).await.unwrap();
+    let app = CachingApp::start_with_redis(pool.clone(), settings, &proxy.url("redis")).await;
+    (proxy, app)
+}
+
+async fn read_stock(app: &CachingApp, sku: &str) -> (String, Value) {
+    let response = app
+        .http
+        .get(app.url(&format!("/inventory/{sku}")))
+        .send()
+        .await
+        .unwrap();
+    let cache = response.headers()["x-cache"].to_str().unwrap().to_owned();
+    (cache, response.json().await.unwrap())
+}
+
+/// The committed quantity, and what reads keep answering once things settle:
+/// never a quantity that was not committed, however late the held write lands.
+async fn reads_settle_on(app: &CachingApp, sku: &str, committed: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (cache, body) = read_stock(app, sku).await;
+        if cache == "hit" && body["quantity"] == committed {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reads never settled on the committed {committed}: {cache} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Settled: several reads in a row, all committed.
+    for _ in 0..20 {
+        let (_, body) = read_stock(app, sku).await;
+        assert_eq!(
+            body["quantity"], committed,
+            "served an uncommitted quantity"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_write_through_that_timed_out_and_landed_late_is_never_served(pool: PgPool) {
+    let settings = caching::Settings {
+        invalidation_retry_ms: 100,
+        ..CachingApp::settings()
+    };
+    let (proxy, app) = caching_behind_a_proxy(&pool, settings).await;
+    assert_eq!(
+        put_inventory(&app, "NUT", 10).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(read_stock(&app, "NUT").await.1["quantity"], 10);
+
+    // The write's Redis script waits in the network; the service gives up
+    // on it (503), rolls Postgres back, and repairs the key on a new
+    // connection. Then the held script arrives, after all of that.
+    proxy.hold();
+    let refused = put_inventory(&app, "NUT", 20).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    eventually(
+        "the service repairs the key",
+        Duration::from_secs(10),
+        || async { (app.stats().await["cache"]["stale_keys_waiting"] == 0).then_some(()) },
+    )
+    .await;
+    proxy.release();
+
+    reads_settle_on(&app, "NUT", 10).await;
+    app.finish().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_write_through_that_timed_out_is_repaired_after_a_restart(pool: PgPool) {
+    let settings = CachingApp::settings();
+    let (proxy, app) = caching_behind_a_proxy(&pool, settings.clone()).await;
+    assert_eq!(
+        put_inventory(&app, "WASHER", 10).await.status(),
+        StatusCode::OK
+    );
+
+    proxy.hold();
+    let refused = put_inventory(&app, "WASHER", 20).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The service dies before it could repair anything; then the held
+    // script lands.
+    app.kill();
+    proxy.release();
+
+    let app = CachingApp::start(pool.clone(), settings).await;
+    reads_settle_on(&app, "WASHER", 10).await;
+    drop(proxy);
+    app.finish().await.unwrap();
 }

@@ -12,9 +12,18 @@
 //! - If Redis fails, the transaction rolls back and the client gets 503:
 //!   nothing was written, and a retry is safe. (Commit-then-Redis would have
 //!   to answer 503 for a write that did happen.)
-//! - If the commit fails after Redis was updated (or the Redis call timed out
-//!   after it ran), the key is deleted, or, while Redis is unreachable, kept
-//!   in the stale set that reads bypass until it is deleted.
+//! - If the commit fails after Redis was updated, or the Redis call timed
+//!   out (it may have run, or may still arrive, late, on the old
+//!   connection), Redis may hold a quantity that was never committed. The
+//!   key is **repaired, not deleted**: the row's version is bumped in
+//!   Postgres (past any version the failed write drew) and the committed
+//!   quantity is written to Redis with it. A late script then carries a
+//!   lower version and is refused, whichever arrives first. A delete would
+//!   not do: sent on a new connection, it can overtake the old one's
+//!   script, which then lands on an empty key and is served as a hit until
+//!   the next write. Until the repair is done the sku is in a table
+//!   (`inventory_cache_repairs`) as well as in memory, so reads bypass it
+//!   and a restarted service repairs it too.
 //! - Every cached value carries the row's version, drawn from a sequence, and
 //!   Redis only accepts a higher one (a small Lua script), so a read that
 //!   loaded an old row cannot overwrite a newer value a write just put there,
@@ -208,26 +217,89 @@ async fn write_through(
 ) -> Result<()> {
     if let Err(err) = cache_set(app, stock).await {
         // Dropping `tx` rolls it back: Postgres keeps the old value. The
-        // script may still have run (a timeout, not a refusal), so Redis may
-        // hold a value that was never committed: keep reads off the key until
-        // it is deleted.
-        app.mark_stale(key(app, &stock.sku));
+        // script may still have run, or arrive later (a timeout, not a
+        // refusal), so Redis may hold a value that was never committed.
+        drop(tx);
+        suspect(app, &stock.sku).await;
         let failure = DependencyError::redis(&app.redis_place, &err);
         return Err(failure
             .explain("write-through needs Redis and nothing was written")
             .into());
     }
     if let Err(err) = tx.commit().await {
-        // Redis now holds a value Postgres never committed: drop it.
-        let mut conn = app.redis.clone();
-        if conn.del::<_, ()>(key(app, &stock.sku)).await.is_err() {
-            app.mark_stale(key(app, &stock.sku));
-        }
+        // Redis now holds a value Postgres never committed.
+        suspect(app, &stock.sku).await;
         return Err(app.pg_error(err));
     }
     app.stats.postgres_writes.inc();
     Ok(())
 }
+
+/// Keeps reads off `sku` until [`repair`] has run: in memory at once, and in
+/// Postgres when it answers (the repair loop records it later otherwise).
+async fn suspect(app: &App, sku: &str) {
+    app.mark_stale(key(app, sku));
+    let recorded =
+        sqlx::query("INSERT INTO inventory_cache_repairs (sku) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(sku)
+            .execute(&app.pool)
+            .await;
+    if let Err(err) = recorded {
+        tracing::warn!(%err, sku, "cannot record an inventory key to repair; repairing from memory");
+    }
+}
+
+/// The skus recorded for repair (by this process or one before it).
+pub(crate) async fn recorded_repairs(app: &App) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar("SELECT sku FROM inventory_cache_repairs")
+        .fetch_all(&app.pool)
+        .await
+}
+
+/// Makes Redis's copy of `sku` the committed one, for good: bumps the row's
+/// version past any a failed write drew, and writes the committed quantity
+/// with it (or, for a sku with no row, a tombstone that reads treat as a
+/// miss). Then forgets the sku. Any error leaves it for the next round.
+pub(crate) async fn repair(app: &App, sku: &str) -> anyhow::Result<()> {
+    let mut tx = app.pool.begin().await?;
+    sqlx::query("INSERT INTO inventory_cache_repairs (sku) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(sku)
+        .execute(&mut *tx)
+        .await?;
+    let bumped: Option<(i64, i64)> = sqlx::query_as(
+        "UPDATE inventory SET version = nextval('inventory_version_seq') WHERE sku = $1
+         RETURNING quantity, version",
+    )
+    .bind(sku)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (quantity, version) = match bumped {
+        Some((quantity, version)) => (quantity.to_string(), version),
+        None => {
+            let version: i64 = sqlx::query_scalar("SELECT nextval('inventory_version_seq')")
+                .fetch_one(&mut *tx)
+                .await?;
+            (TOMBSTONE.to_owned(), version)
+        }
+    };
+    // Under the row lock, as every write-through: a concurrent write waits.
+    let mut conn = app.redis.clone();
+    Script::new(SET_IF_NEWER)
+        .key(key(app, sku))
+        .arg(version)
+        .arg(quantity)
+        .invoke_async::<i64>(&mut conn)
+        .await?;
+    sqlx::query("DELETE FROM inventory_cache_repairs WHERE sku = $1")
+        .bind(sku)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// What a repaired key holds when its sku has no row: a version, no quantity.
+const TOMBSTONE: &str = "-";
 
 /// `GET /inventory/{sku}`: from Redis; on a miss from Postgres, filling Redis.
 #[utoipa::path(

@@ -206,6 +206,13 @@ impl App {
         self.stale.lock().expect("stale set poisoned").insert(key);
     }
 
+    fn forget_stale(&self, keys: &[String]) {
+        let mut stale = self.stale.lock().expect("stale set poisoned");
+        for key in keys {
+            stale.remove(key);
+        }
+    }
+
     pub(crate) fn is_stale(&self, key: &str) -> bool {
         self.stale.lock().expect("stale set poisoned").contains(key)
     }
@@ -311,6 +318,9 @@ pub async fn serve(
         }
     };
     let flusher = views::Flusher::new(app.clone()).run(flush_stop);
+    // Before the first request: a key a previous process left to repair is
+    // bypassed from the start (the loop finds it too, if Postgres is late).
+    remember_recorded_repairs(&app).await;
     let invalidator = retry_invalidations(app, shutdown.clone());
     lab_core::shutdown::supervise(
         &shutdown,
@@ -334,14 +344,17 @@ pub(crate) fn jittered_ttl(ttl_secs: u64) -> u64 {
     (ttl.round() as u64).max(1)
 }
 
-/// Deletes the keys whose invalidation failed (profiles and inventory), as
-/// soon as Redis answers.
+/// Puts right the keys whose Redis copy may be wrong, as soon as Redis
+/// answers: deletes the profiles whose invalidation failed, and repairs the
+/// inventory keys a failed write-through may have left uncommitted (see
+/// [`inventory`]), including those a previous process recorded.
 pub async fn retry_invalidations(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(Duration::from_millis(app.settings.invalidation_retry_ms)) => {}
         }
+        remember_recorded_repairs(&app).await;
         let keys: Vec<String> = app
             .stale
             .lock()
@@ -352,16 +365,34 @@ pub async fn retry_invalidations(app: App, shutdown: CancellationToken) -> anyho
         if keys.is_empty() {
             continue;
         }
-        let mut conn = app.redis.clone();
-        if conn.del::<_, ()>(&keys).await.is_ok() {
-            let mut stale = app.stale.lock().expect("stale set poisoned");
-            for key in &keys {
-                stale.remove(key);
+        let stock_prefix = app.key("stock:");
+        let (stock, profiles): (Vec<String>, Vec<String>) = keys
+            .into_iter()
+            .partition(|key| key.starts_with(&stock_prefix));
+        for key in stock {
+            let sku = &key[stock_prefix.len()..];
+            match inventory::repair(&app, sku).await {
+                Ok(()) => app.forget_stale(std::slice::from_ref(&key)),
+                Err(err) => tracing::debug!(%err, sku, "inventory key not repaired yet"),
             }
+        }
+        let mut conn = app.redis.clone();
+        if !profiles.is_empty() && conn.del::<_, ()>(&profiles).await.is_ok() {
+            app.forget_stale(&profiles);
             tracing::info!(
-                keys = keys.len(),
+                keys = profiles.len(),
                 "stale cache keys deleted after Redis came back"
             );
+        }
+    }
+}
+
+/// Marks stale the inventory keys recorded for repair in Postgres, so a
+/// restarted service keeps reads off them too.
+async fn remember_recorded_repairs(app: &App) {
+    if let Ok(skus) = inventory::recorded_repairs(app).await {
+        for sku in skus {
+            app.mark_stale(app.key(&format!("stock:{sku}")));
         }
     }
 }

@@ -2,17 +2,24 @@
 //! command can cut and restore: it breaks the network path between a service
 //! and its broker or database without touching the shared server, which other
 //! tests and other people are using.
+//!
+//! Three faults, each a real network's: `cut` closes every connection (a
+//! restarted server), `silence` stops every open connection's bytes for good
+//! without a word (a dropped NAT entry), and `hold` stops them until
+//! `release` delivers them late (a congested or partitioned link that heals:
+//! a command the client gave up on still arrives).
 
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
 };
 
 use tokio::{
-    net::{TcpListener, TcpStream},
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream, tcp::OwnedReadHalf, tcp::OwnedWriteHalf},
     sync::watch,
 };
 
@@ -21,6 +28,8 @@ pub struct Proxy {
     up: Arc<AtomicBool>,
     cuts: watch::Sender<u64>,
     silences: watch::Sender<u64>,
+    /// One pause switch per open connection, for `hold` and `release`.
+    pauses: Arc<Mutex<Vec<watch::Sender<bool>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -32,29 +41,37 @@ impl Proxy {
         let up = Arc::new(AtomicBool::new(true));
         let (cuts, _) = watch::channel(0u64);
         let (silences, _) = watch::channel(0u64);
+        let pauses: Arc<Mutex<Vec<watch::Sender<bool>>>> = Arc::default();
         let task = tokio::spawn({
-            let (up, cuts, silences, target) = (
+            let (up, cuts, silences, pauses, target) = (
                 up.clone(),
                 cuts.clone(),
                 silences.clone(),
+                pauses.clone(),
                 target.to_owned(),
             );
             async move {
-                while let Ok((mut client, _)) = listener.accept().await {
+                while let Ok((client, _)) = listener.accept().await {
                     if !up.load(Ordering::SeqCst) {
                         continue; // dropped: the client sees the connection close
                     }
                     let mut cut = cuts.subscribe();
                     let mut silence = silences.subscribe();
+                    let (pause, paused) = watch::channel(false);
+                    pauses.lock().expect("pauses lock").push(pause);
                     let target = target.clone();
                     tokio::spawn(async move {
-                        let Ok(mut server) = TcpStream::connect(&target).await else {
+                        let Ok(server) = TcpStream::connect(&target).await else {
                             return;
                         };
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
+                        let (client_read, client_write) = client.into_split();
+                        let (server_read, server_write) = server.into_split();
+                        let up = pump(client_read, server_write, paused.clone());
+                        let down = pump(server_read, client_write, paused);
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = async { tokio::join!(up, down) } => {}
                             _ = cut.changed() => {}
                             _ = silence.changed() => {
                                 // Hold both sockets open, pass nothing.
@@ -70,8 +87,26 @@ impl Proxy {
             up,
             cuts,
             silences,
+            pauses,
             task,
         })
+    }
+
+    /// Stops every open connection's bytes, in both directions, without
+    /// closing it; `release` delivers what waited. New connections pass.
+    pub fn hold(&self) {
+        self.set_paused(true);
+    }
+
+    /// Lets held connections go on: what waited is delivered, late.
+    pub fn release(&self) {
+        self.set_paused(false);
+    }
+
+    fn set_paused(&self, paused: bool) {
+        let mut pauses = self.pauses.lock().expect("pauses lock");
+        // A connection that ended has dropped its receiver: forget it.
+        pauses.retain(|pause| pause.send(paused).is_ok());
     }
 
     /// Closes every open connection and refuses new ones.
@@ -96,6 +131,27 @@ impl Proxy {
     pub fn url(&self, scheme: &str) -> String {
         format!("{scheme}://{}", self.addr)
     }
+}
+
+/// Copies one direction of a connection, waiting while it is paused. What
+/// was read before a pause is written after it: held, never lost.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut paused: watch::Receiver<bool>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while *paused.borrow_and_update() {
+            if paused.changed().await.is_err() {
+                return;
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Drop for Proxy {
