@@ -259,7 +259,36 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
+        if !is_json(req.headers()) {
+            return Err(Self::Rejection::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Expected request with `Content-Type: application/json`",
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!(
+                        "request body is larger than {} bytes",
+                        crate::http::BODY_LIMIT
+                    ),
+                ),
+                _ => ApiError::malformed(rejection.body_text()),
+            })?;
+        let axum::Json(value) = axum::Json::<T>::from_bytes(&bytes)?;
+        // serde reads a struct from a JSON array too, by position
+        // (`["MUG-1","Mug",...]`): a request body is an object, or refused.
+        if bytes.trim_ascii_start().first() != Some(&b'{') {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                "the body must be a JSON object",
+            ));
+        }
         Ok(Self(value))
     }
 }
@@ -268,6 +297,20 @@ impl<T: Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
     }
+}
+
+/// `application/json`, or any `application/<something>+json`.
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let essence = essence.to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// `axum::extract::Query`, but its rejections answer in the lab's error format.
@@ -285,5 +328,80 @@ where
         let axum::extract::Query(value) =
             axum::extract::Query::<T>::from_request_parts(parts, state).await?;
         Ok(Self(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{Router, body::Body, http::Request, routing};
+    use serde::Deserialize;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct Product {
+        sku: String,
+        price_cents: i64,
+    }
+
+    async fn post(content_type: &str, body: &str) -> (StatusCode, String) {
+        let router = Router::new().route(
+            "/",
+            routing::post(|Json(_): Json<Product>| async { "created" }),
+        );
+        let request = Request::post("/")
+            .header("content-type", content_type)
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// serde fills a struct from a JSON array by position; a request body
+    /// must be an object, as the documents say.
+    #[tokio::test]
+    async fn a_json_array_is_refused_where_an_object_is_expected() {
+        let (status, body) = post("application/json", r#"["MUG-1", 100]"#).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(body.contains("must be a JSON object"), "{body}");
+        let (status, _) = post("application/json", r#" {"sku":"MUG-1","price_cents":100}"#).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    /// The other rejections keep their statuses and codes.
+    #[tokio::test]
+    async fn each_json_rejection_keeps_its_status_and_code() {
+        let cases = [
+            (
+                "text/plain",
+                r#"{"sku":"A","price_cents":1}"#,
+                415,
+                "unsupported_media_type",
+            ),
+            ("application/json", r#"{"sku":"#, 400, "malformed"),
+            (
+                "application/json",
+                r#"{"sku":"A","price_cents":"x"}"#,
+                422,
+                "price_cents",
+            ),
+            (
+                "application/problem+json",
+                r#"{"sku":"A","price_cents":1}"#,
+                200,
+                "created",
+            ),
+        ];
+        for (content_type, body, status, needle) in cases {
+            let (got, text) = post(content_type, body).await;
+            assert_eq!(got.as_u16(), status, "{content_type} {body}: {text}");
+            assert!(text.contains(needle), "{content_type} {body}: {text}");
+        }
     }
 }
