@@ -35,7 +35,7 @@ fn grpc_mug(sku: &str) -> pb::CreateProductRequest {
         sku: sku.into(),
         name: "Mug".into(),
         description: "Holds coffee".into(),
-        price_cents: 1299,
+        price_cents: Some(1299),
         currency: "EUR".into(),
         tags: vec!["kitchen".into(), "ceramic".into()],
     }
@@ -256,7 +256,7 @@ async fn each_invalid_value_is_named_over_both_transports(
             sku: body["sku"].as_str().unwrap().into(),
             name: body["name"].as_str().unwrap().into(),
             description: body["description"].as_str().unwrap().into(),
-            price_cents: body["price_cents"].as_i64().unwrap(),
+            price_cents: body["price_cents"].as_i64(),
             currency: body["currency"].as_str().unwrap().into(),
             tags: serde_json::from_value(body["tags"].clone()).unwrap(),
         };
@@ -315,7 +315,7 @@ async fn bad_ids_and_paging_parameters_are_named(
     }
     let status = grpc
         .list_products(pb::ListProductsRequest {
-            page_size: 5000,
+            page_size: Some(5000),
             page_token: String::new(),
         })
         .await
@@ -467,7 +467,7 @@ async fn paging_returns_every_product_exactly_once_while_others_are_inserted(poo
     loop {
         let page = grpc
             .list_products(pb::ListProductsRequest {
-                page_size: 9,
+                page_size: Some(9),
                 page_token: token.clone(),
             })
             .await
@@ -766,4 +766,107 @@ async fn grpc_health_and_reflection_are_served(pool: PgPool) {
         names.contains(&"grpc.health.v1.Health".to_owned()),
         "{names:?}"
     );
+}
+
+/// Calls a unary gRPC method with `message` as its raw body (not necessarily
+/// protobuf): the grpc-status and grpc-message the server answers with.
+async fn raw_grpc(app: &CatalogApp, method: &str, message: &[u8]) -> (String, String) {
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(message);
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = client
+        .post(format!(
+            "http://{}/lab.catalog.v1.CatalogService/{method}",
+            app.grpc_addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    // An error comes "trailers-only", its status in the head; a success
+    // sends its message first and its status in the trailers.
+    let status = header("grpc-status");
+    let status = if status.is_empty() && response.status() == StatusCode::OK {
+        "0".to_owned()
+    } else {
+        status
+    };
+    (status, header("grpc-message"))
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn undecodable_protobuf_is_invalid_argument_like_rests_400(pool: PgPool) {
+    let app = CatalogApp::start(pool).await;
+    // Field 1 (sku) as a length-delimited string of one byte that is not UTF-8.
+    let bad_utf8 = [0x0a, 0x01, 0xff];
+    // A length prefix that runs past the end of the message.
+    let truncated = [0x0a, 0x10, b'M'];
+    for (what, message) in [
+        ("invalid UTF-8", &bad_utf8[..]),
+        ("truncated", &truncated[..]),
+    ] {
+        let (status, message) = raw_grpc(&app, "CreateProduct", message).await;
+        assert_eq!(
+            status, "3",
+            "{what}: INVALID_ARGUMENT expected, got {status} {message}"
+        );
+        assert!(message.contains("decode"), "{what}: {message}");
+    }
+    let metrics = app
+        .http
+        .get(format!("http://{}/metrics", app.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains(r#"status="13""#),
+        "a client's garbage is not counted as a server error:\n{metrics}"
+    );
+    app.stop().await.unwrap();
+}
+
+/// proto3 cannot tell "absent" from zero unless a field says `optional`:
+/// both transports must refuse what the other refuses.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn rest_and_grpc_refuse_the_same_missing_and_zero_fields(pool: PgPool) {
+    let app = CatalogApp::start(pool).await;
+    // REST: a product without a price, and a page of 0.
+    let response = post(&app, &json!({"sku": "P-1", "name": "x", "currency": "EUR"})).await;
+    let (status, _, message) = error_of(response).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(message.contains("price_cents"), "{message}");
+    let (status, _, message) = error_of(get(&app, "/v1/products?page_size=0").await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{message}");
+
+    // gRPC, as raw protobuf: sku "P-1", name "x", currency "EUR", no field 4.
+    let no_price = [
+        0x0a, 0x03, b'P', b'-', b'1', 0x12, 0x01, b'x', 0x2a, 0x03, b'E', b'U', b'R',
+    ];
+    let (status, message) = raw_grpc(&app, "CreateProduct", &no_price).await;
+    assert_eq!(status, "3", "no price: {message}");
+    assert!(message.contains("price_cents"), "{message}");
+    // page_size present and 0.
+    let (status, message) = raw_grpc(&app, "ListProducts", &[0x08, 0x00]).await;
+    assert_eq!(status, "3", "page_size 0: {message}");
+    assert!(message.contains("page_size"), "{message}");
+    // Absent, it means the default, as on REST.
+    let (status, message) = raw_grpc(&app, "ListProducts", &[]).await;
+    assert_eq!(status, "0", "no page_size: {message}");
+    app.stop().await.unwrap();
 }

@@ -28,6 +28,31 @@ impl From<Error> for Status {
     }
 }
 
+/// Answers a request that does not decode as its message with
+/// INVALID_ARGUMENT rather than tonic's INTERNAL.
+///
+/// gRPC's status-code table lists "error parsing request proto" as INTERNAL,
+/// and tonic follows it. This lab departs from it on purpose: the bytes came
+/// from the client, so the fault is the client's, as REST's 400 says for
+/// broken JSON; INTERNAL would count every scanner's garbage as a server
+/// error in the metrics and page whoever watches them. Only a response that
+/// tonic's decoder produced is rewritten (INTERNAL whose message starts
+/// "failed to decode"); a real INTERNAL stays INTERNAL.
+pub fn decode_errors_are_invalid_argument<B>(
+    mut response: axum::http::Response<B>,
+) -> axum::http::Response<B> {
+    let headers = response.headers_mut();
+    let from_decoder = headers.get("grpc-status").is_some_and(|s| s == "13")
+        && headers
+            .get("grpc-message")
+            .is_some_and(|m| m.as_bytes().starts_with(b"failed%20to%20decode"));
+    if from_decoder {
+        let code = tonic::Code::InvalidArgument as i32;
+        headers.insert("grpc-status", code.into());
+    }
+    response
+}
+
 fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
@@ -51,16 +76,24 @@ impl From<Product> for pb::Product {
     }
 }
 
-impl From<pb::CreateProductRequest> for NewProduct {
-    fn from(r: pb::CreateProductRequest) -> Self {
-        Self {
+impl TryFrom<pb::CreateProductRequest> for NewProduct {
+    type Error = Error;
+
+    /// A price is required, as REST's JSON requires it; `optional` in the
+    /// .proto is what lets the server tell it is missing.
+    fn try_from(r: pb::CreateProductRequest) -> Result<Self, Error> {
+        let price_cents = r.price_cents.ok_or_else(|| Error::Invalid {
+            field: "price_cents",
+            message: "is required".into(),
+        })?;
+        Ok(Self {
             sku: r.sku,
             name: r.name,
             description: r.description,
-            price_cents: r.price_cents,
+            price_cents,
             currency: r.currency,
             tags: r.tags,
-        }
+        })
     }
 }
 
@@ -83,7 +116,8 @@ impl CatalogService for Grpc {
         &self,
         request: Request<pb::CreateProductRequest>,
     ) -> Result<Response<pb::Product>, Status> {
-        let product = self.catalog.create(request.into_inner().into()).await?;
+        let new = NewProduct::try_from(request.into_inner())?;
+        let product = self.catalog.create(new).await?;
         Ok(Response::new(product.into()))
     }
 
@@ -100,9 +134,9 @@ impl CatalogService for Grpc {
         request: Request<pb::ListProductsRequest>,
     ) -> Result<Response<pb::ListProductsResponse>, Status> {
         let r = request.into_inner();
-        // proto3 has no "unset" for scalars: 0 means "the default".
-        let size = (r.page_size != 0).then_some(r.page_size);
-        let page = self.catalog.list(size, Some(&r.page_token)).await?;
+        // Absent means the default; a present 0 is refused by the domain, as
+        // REST's page_size=0 is.
+        let page = self.catalog.list(r.page_size, Some(&r.page_token)).await?;
         Ok(Response::new(pb::ListProductsResponse {
             products: page.products.into_iter().map(Into::into).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),

@@ -128,6 +128,9 @@ pub async fn serve(
         .build_v1alpha()?;
     let grpc_server = tonic::transport::Server::builder()
         .layer(metrics.grpc_layer())
+        .layer(tower::util::MapResponseLayer::new(
+            grpc::decode_errors_are_invalid_argument,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -354,7 +354,7 @@ async fn list(client: &Client) -> anyhow::Result<usize> {
                 .catalog
                 .clone()
                 .list_products(pb::ListProductsRequest {
-                    page_size: 100,
+                    page_size: Some(100),
                     page_token: String::new(),
                 })
                 .await?
@@ -379,7 +379,7 @@ async fn create(client: &Client, template: &NewProduct, sku: String) -> anyhow::
                     sku,
                     name: template.name.clone(),
                     description: template.description.clone(),
-                    price_cents: template.price_cents,
+                    price_cents: Some(template.price_cents),
                     currency: template.currency.clone(),
                     tags: template.tags.clone(),
                 })
