@@ -4,7 +4,10 @@
 //! Each test gets a fresh database from `#[sqlx::test]` and a catalog served
 //! in-process on ephemeral ports, reached with real HTTP and gRPC clients.
 
-use std::collections::HashSet;
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
 
 use catalog::domain::Product;
 use lab_proto::catalog::v1::{self as pb, catalog_service_client::CatalogServiceClient};
@@ -869,4 +872,113 @@ async fn rest_and_grpc_refuse_the_same_missing_and_zero_fields(pool: PgPool) {
     let (status, message) = raw_grpc(&app, "ListProducts", &[]).await;
     assert_eq!(status, "0", "no page_size: {message}");
     app.stop().await.unwrap();
+}
+
+/// What keyset paging promises here, checked under 16 concurrent writers:
+/// a listing is one snapshot, taken by its first page. Every product
+/// committed before the first page is served exactly once, however ids and
+/// commits interleave; no product created after the first page is served.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn paging_serves_exactly_the_products_committed_before_its_first_page(pool: PgPool) {
+    use std::sync::{Arc, Mutex};
+    let app = CatalogApp::start(pool).await;
+    for i in 0..100 {
+        create(&app, &format!("SEED-{i}")).await;
+    }
+    // Each create: (when it was sent, when it answered, its id).
+    let log: Arc<Mutex<Vec<(Instant, Instant, String)>>> = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let (http, url, log, stop) = (
+                app.http.clone(),
+                app.url("/v1/products"),
+                log.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                for i in 0..400 {
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    let sent = Instant::now();
+                    let response = http
+                        .post(&url)
+                        .json(&mug(&format!("W{w}-{i}")))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), StatusCode::CREATED);
+                    let product: Product = response.json().await.unwrap();
+                    log.lock()
+                        .unwrap()
+                        .push((sent, Instant::now(), product.id.to_string()));
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await; // writers in full flow
+    let first_sent = Instant::now();
+    let (served, first_answered) = page_through_rest_timed(&app, 10).await;
+    stop.cancel();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let log = log.lock().unwrap();
+    let unique: HashSet<&String> = served.iter().collect();
+    assert_eq!(unique.len(), served.len(), "a product was served twice");
+    let committed_before: Vec<&String> = log
+        .iter()
+        .filter(|(_, answered, _)| *answered < first_sent)
+        .map(|(_, _, id)| id)
+        .collect();
+    let created_after: Vec<&String> = log
+        .iter()
+        .filter(|(sent, _, _)| *sent > first_answered)
+        .map(|(_, _, id)| id)
+        .collect();
+    assert!(
+        !committed_before.is_empty() && !created_after.is_empty(),
+        "writers were not concurrent"
+    );
+    let skipped = committed_before
+        .iter()
+        .filter(|id| !unique.contains(**id))
+        .count();
+    let late = created_after
+        .iter()
+        .filter(|id| unique.contains(**id))
+        .count();
+    assert_eq!(
+        skipped, 0,
+        "{skipped} products committed before the first page were skipped"
+    );
+    assert_eq!(
+        late, 0,
+        "{late} products created after the first page were served"
+    );
+    assert!(served.len() >= 100 + committed_before.len());
+}
+
+/// Pages through REST to the end; the ids and when the first page answered.
+async fn page_through_rest_timed(app: &CatalogApp, page_size: u32) -> (Vec<String>, Instant) {
+    let mut ids = Vec::new();
+    let mut token: Option<String> = None;
+    let mut first_answered = None;
+    loop {
+        let path = match &token {
+            Some(t) => format!("/v1/products?page_size={page_size}&page_token={t}"),
+            None => format!("/v1/products?page_size={page_size}"),
+        };
+        let page: Value = get_body(app, &path).await;
+        first_answered.get_or_insert_with(Instant::now);
+        for p in page["products"].as_array().unwrap() {
+            ids.push(p["id"].as_str().unwrap().to_owned());
+        }
+        match page["next_page_token"].as_str() {
+            Some(t) => token = Some(t.to_owned()),
+            None => break,
+        }
+    }
+    (ids, first_answered.unwrap())
 }

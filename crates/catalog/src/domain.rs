@@ -60,6 +60,14 @@ pub struct ProductPatch {
     pub tags: Option<Vec<String>>,
 }
 
+/// A product as a listing reads it, with the listing's snapshot.
+#[derive(sqlx::FromRow)]
+struct ListedProduct {
+    #[sqlx(flatten)]
+    product: Product,
+    snapshot: String,
+}
+
 /// One page of a keyset-paginated listing.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Page {
@@ -206,18 +214,64 @@ pub fn parse_id(id: &str) -> Result<Uuid> {
     Uuid::parse_str(id).map_err(|_| invalid("id", format!("{id:?} is not a UUID")))
 }
 
-/// The page token is opaque to clients: the id of the last product served,
-/// base64url-encoded, so clients do not start building tokens themselves.
-fn encode_token(last: Uuid) -> String {
-    URL_SAFE_NO_PAD.encode(last.as_bytes())
+/// Where a listing stands: after which id it goes on, and the snapshot its
+/// first page was read in (Postgres's `pg_snapshot` text, `xmin:xmax:xip,…`).
+///
+/// Paging by id alone skips rows: ids (UUID v7) are taken before the INSERT
+/// commits, so a lower id can commit after a higher one was served, behind
+/// the reader. The same hazard as an outbox relay that reads `id >
+/// last_seen`. Carrying the first page's snapshot makes the listing one
+/// consistent read: a product is served when its creating transaction had
+/// committed at the first page, exactly once, and one created later is not
+/// served at all (list again to see it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub after: Uuid,
+    pub snapshot: String,
 }
 
-fn decode_token(token: &str) -> Result<Uuid> {
-    URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|bytes| Uuid::from_slice(&bytes).ok())
-        .ok_or_else(|| invalid("page_token", "not a token returned by this service"))
+/// The page token is opaque to clients: the cursor, base64url-encoded, so
+/// clients do not start building tokens themselves.
+fn encode_token(cursor: &Cursor) -> String {
+    let mut bytes = cursor.after.as_bytes().to_vec();
+    bytes.extend_from_slice(cursor.snapshot.as_bytes());
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn decode_token(token: &str) -> Result<Cursor> {
+    let refuse = || invalid("page_token", "not a token returned by this service");
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| refuse())?;
+    if bytes.len() < 16 {
+        return Err(refuse());
+    }
+    let after = Uuid::from_slice(&bytes[..16]).map_err(|_| refuse())?;
+    let snapshot = std::str::from_utf8(&bytes[16..]).map_err(|_| refuse())?;
+    let snapshot = canonical_snapshot(snapshot).ok_or_else(refuse)?;
+    Ok(Cursor { after, snapshot })
+}
+
+/// `xmin:xmax:xip,…` as Postgres accepts it (xmin ≤ each xip < xmax, in
+/// ascending order), or None: a forged token is a 422, never a SQL error.
+fn canonical_snapshot(text: &str) -> Option<String> {
+    let mut parts = text.split(':');
+    let (xmin, xmax, xips) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || text.len() > 4096 {
+        return None;
+    }
+    let (xmin, xmax): (u64, u64) = (xmin.parse().ok()?, xmax.parse().ok()?);
+    let xips: Vec<u64> = if xips.is_empty() {
+        Vec::new()
+    } else {
+        xips.split(',')
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?
+    };
+    let ordered = xips.windows(2).all(|w| w[0] < w[1]);
+    let bounded = xips.iter().all(|x| (xmin..xmax).contains(x));
+    (xmin >= 1 && xmin <= xmax && ordered && bounded).then(|| {
+        let list: Vec<String> = xips.iter().map(u64::to_string).collect();
+        format!("{xmin}:{xmax}:{}", list.join(","))
+    })
 }
 
 /// The catalog: validation plus storage, shared by both transports.
@@ -271,22 +325,30 @@ impl Catalog {
 
     /// Keyset pagination: `WHERE id > last ORDER BY id`. Unlike OFFSET, a
     /// page costs the same however deep it is, and rows inserted while a
-    /// client pages never shift the window, so nothing is served twice or
-    /// skipped. (New rows get larger UUID v7 ids and show up on later pages.)
+    /// client pages never shift the window. Keyset alone still skips rows
+    /// whose lower id commits after a higher one was served (ids are taken
+    /// before commit), so every page also reads in the first page's snapshot
+    /// ([`Cursor`]): the listing serves exactly the products committed when
+    /// it began, each once.
     #[tracing::instrument(skip_all)]
     pub async fn list(&self, page_size: Option<u32>, page_token: Option<&str>) -> Result<Page> {
         let size = page_size.unwrap_or(DEFAULT_PAGE_SIZE);
         if !(1..=MAX_PAGE_SIZE).contains(&size) {
             return Err(invalid("page_size", format!("must be 1-{MAX_PAGE_SIZE}")));
         }
-        let after = match page_token {
+        let cursor = match page_token {
             Some(token) if !token.is_empty() => Some(decode_token(token)?),
             _ => None,
         };
-        let mut products = self.page_after(after, size + 1).await?;
+        let (mut products, snapshot) = self.page_after(cursor.as_ref(), size + 1).await?;
         let next_page_token = if products.len() > size as usize {
             products.truncate(size as usize);
-            products.last().map(|p| encode_token(p.id))
+            products.last().map(|p| {
+                encode_token(&Cursor {
+                    after: p.id,
+                    snapshot: snapshot.clone(),
+                })
+            })
         } else {
             None
         };
@@ -296,20 +358,26 @@ impl Catalog {
         })
     }
 
-    /// Every product, in id order, as a stream of keyset batches.
+    /// Every product, in id order, as a stream of keyset batches read in
+    /// one snapshot (the first batch's), like a listing.
     pub fn stream_all(&self) -> impl Stream<Item = Result<Product>> + Send + 'static {
         let catalog = self.clone();
-        stream::try_unfold(Some(None), move |state: Option<Option<Uuid>>| {
+        stream::try_unfold(Some(None), move |state: Option<Option<Cursor>>| {
             let catalog = catalog.clone();
             async move {
-                let Some(after) = state else {
+                let Some(cursor) = state else {
                     return Ok::<_, Error>(None);
                 };
-                let batch = catalog.page_after(after, STREAM_BATCH).await?;
+                let (batch, snapshot) = catalog.page_after(cursor.as_ref(), STREAM_BATCH).await?;
                 let next = if batch.len() < STREAM_BATCH as usize {
                     None
                 } else {
-                    batch.last().map(|p| Some(p.id))
+                    batch.last().map(|p| {
+                        Some(Cursor {
+                            after: p.id,
+                            snapshot: snapshot.clone(),
+                        })
+                    })
                 };
                 Ok(Some((stream::iter(batch.into_iter().map(Ok)), next)))
             }
@@ -318,17 +386,37 @@ impl Catalog {
         .boxed()
     }
 
-    async fn page_after(&self, after: Option<Uuid>, limit: u32) -> Result<Vec<Product>> {
-        sqlx::query_as(
-            "SELECT id, sku, name, description, price_cents, currency, tags, created_at, updated_at
-             FROM products WHERE $1::uuid IS NULL OR id > $1
+    /// Up to `limit` products after the cursor, in the cursor's snapshot (or,
+    /// for a first page, in this statement's, which is returned).
+    async fn page_after(
+        &self,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<(Vec<Product>, String)> {
+        let (after, snapshot) = match cursor {
+            Some(c) => (Some(c.after), Some(c.snapshot.clone())),
+            None => (None, None),
+        };
+        let rows: Vec<ListedProduct> = sqlx::query_as(
+            "WITH s AS (SELECT coalesce($3::text::pg_snapshot, pg_current_snapshot()) AS snap)
+             SELECT id, sku, name, description, price_cents, currency, tags, created_at,
+                    updated_at, s.snap::text AS snapshot
+             FROM products, s
+             WHERE ($1::uuid IS NULL OR id > $1) AND pg_visible_in_snapshot(created_xid, s.snap)
              ORDER BY id LIMIT $2",
         )
         .bind(after)
         .bind(i64::from(limit))
+        .bind(snapshot.as_deref())
         .fetch_all(&self.pool)
         .await
-        .map_err(|err| self.db_error(err, None))
+        .map_err(|err| self.db_error(err, None))?;
+        let snapshot = match (rows.first(), snapshot) {
+            (_, Some(known)) => known,
+            (Some(row), None) => row.snapshot.clone(),
+            (None, None) => String::new(), // nothing listed: no next page either
+        };
+        Ok((rows.into_iter().map(|r| r.product).collect(), snapshot))
     }
 
     #[tracing::instrument(skip_all, fields(product.id = %id))]
@@ -444,14 +532,34 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_garbage_is_rejected() {
-        let id = Uuid::now_v7();
-        assert_eq!(decode_token(&encode_token(id)).unwrap(), id);
-        assert!(matches!(
-            decode_token("not-a-token"),
-            Err(Error::Invalid {
-                field: "page_token",
-                ..
-            })
-        ));
+        let cursor = Cursor {
+            after: Uuid::now_v7(),
+            snapshot: "100:105:101,103".into(),
+        };
+        assert_eq!(decode_token(&encode_token(&cursor)).unwrap(), cursor);
+        let forged = |snapshot: &str| {
+            let mut bytes = cursor.after.as_bytes().to_vec();
+            bytes.extend_from_slice(snapshot.as_bytes());
+            URL_SAFE_NO_PAD.encode(bytes)
+        };
+        for token in [
+            "not-a-token".to_owned(),
+            forged("105:100:"),        // xmin after xmax
+            forged("100:105:103,101"), // out of order
+            forged("100:105:99"),      // below xmin
+            forged("100:105:1;DROP"),  // not a number
+            forged(""),
+        ] {
+            assert!(
+                matches!(
+                    decode_token(&token),
+                    Err(Error::Invalid {
+                        field: "page_token",
+                        ..
+                    })
+                ),
+                "{token}"
+            );
+        }
     }
 }
