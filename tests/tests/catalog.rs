@@ -982,3 +982,20 @@ async fn page_through_rest_timed(app: &CatalogApp, page_size: u32) -> (Vec<Strin
     }
     (ids, first_answered.unwrap())
 }
+
+/// The document is the contract fuzzers and client generators read: it
+/// names every status an operation answers with and the limits the code
+/// enforces.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn the_openapi_document_carries_the_real_limits_and_statuses(pool: PgPool) {
+    let app = CatalogApp::start(pool).await;
+    let doc: Value = get_body(&app, "/openapi.json").await;
+    let delete = &doc["paths"]["/v1/products/{id}"]["delete"]["responses"];
+    assert!(delete.get("422").is_some(), "DELETE lists 422: {delete}");
+    let new = &doc["components"]["schemas"]["NewProduct"]["properties"];
+    assert_eq!(new["sku"]["maxLength"], 64, "{new}");
+    assert_eq!(new["name"]["maxLength"], 200, "{new}");
+    assert_eq!(new["price_cents"]["maximum"], 1_000_000_000, "{new}");
+    assert_eq!(new["tags"]["maxItems"], 20, "{new}");
+    app.stop().await.unwrap();
+}

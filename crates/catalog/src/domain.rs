@@ -38,13 +38,24 @@ pub struct Product {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewProduct {
+    /// 1–64 of `A-Z`, `0-9`, `-`; unique.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Z0-9-]{1,64}$")]
     pub sku: String,
+    /// 1–200 characters, not all blank.
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
+    /// At most 2000 characters.
     #[serde(default)]
+    #[schema(max_length = 2000)]
     pub description: String,
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub price_cents: i64,
+    /// ISO 4217 code, three upper-case letters.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
+    /// At most 20 tags, each 1–32 characters.
     #[serde(default)]
+    #[schema(max_items = 20)]
     pub tags: Vec<String>,
 }
 
@@ -52,11 +63,17 @@ pub struct NewProduct {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProductPatch {
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Z0-9-]{1,64}$")]
     pub sku: Option<String>,
+    #[schema(min_length = 1, max_length = 200)]
     pub name: Option<String>,
+    #[schema(max_length = 2000)]
     pub description: Option<String>,
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub price_cents: Option<i64>,
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: Option<String>,
+    #[schema(max_items = 20)]
     pub tags: Option<Vec<String>>,
 }
 

@@ -153,7 +153,11 @@ async fn update_product(
 #[utoipa::path(
     delete, path = "/v1/products/{id}",
     params(("id" = String, Path, description = "Product id (UUID)")),
-    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody))
+    responses(
+        (status = 204, description = "Deleted"), (status = 404, body = ErrorBody),
+        (status = 422, description = "The id is not a UUID", body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
 )]
 async fn delete_product(
     State(catalog): State<Catalog>,
