@@ -36,19 +36,17 @@
 //! writes answer 503 and reads fall back to Postgres (`X-Cache: bypass`).
 
 use axum::{
-    extract::{Path, State},
+    extract::State,
     http::{HeaderName, HeaderValue},
     response::{IntoResponse, Response},
 };
-use lab_core::Json;
+use lab_core::{Json, Path, error::DependencyError, openapi::ErrorBody};
 use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 
-use lab_core::openapi::ErrorBody;
 use utoipa::ToSchema;
 
 use crate::{App, Error, Result, invalid};
-use lab_core::error::DependencyError;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Stock {

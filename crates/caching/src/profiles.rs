@@ -23,7 +23,7 @@
 //! what bounds staleness in cache-aside; keep it short for data that changes.
 
 use axum::{
-    extract::{Path, State},
+    extract::State,
     http::{HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -31,12 +31,11 @@ use chrono::{DateTime, Utc};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{FutureExt, future::Shared};
-use lab_core::{Json, Query};
+use lab_core::{Json, Path, Query, openapi::ErrorBody};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use lab_core::openapi::ErrorBody;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::{App, Error, Result, Switch, invalid, jittered_ttl};

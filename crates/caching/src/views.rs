@@ -20,11 +20,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::{
-    extract::{Path, State},
-    http::StatusCode,
-};
-use lab_core::{Json, Query};
+use axum::{extract::State, http::StatusCode};
+use lab_core::{Json, Path, Query, error::DependencyError, openapi::ErrorBody};
 use redis::{
     AsyncCommands,
     streams::{
@@ -34,11 +31,9 @@ use redis::{
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use lab_core::openapi::ErrorBody;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::{App, Result, invalid};
-use lab_core::error::DependencyError;
 
 const GROUP: &str = "flushers";
 

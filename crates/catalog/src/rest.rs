@@ -5,13 +5,13 @@
 
 use axum::{
     Router,
-    extract::{Path, State},
+    extract::State,
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
 use lab_core::{
-    ApiError, Json, Query,
+    ApiError, Json, Path, Query,
     openapi::{ErrorBody, ErrorDetail},
 };
 use serde::Deserialize;

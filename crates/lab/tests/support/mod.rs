@@ -118,3 +118,76 @@ pub fn drop_database(url: &str) {
         eprintln!("could not drop the scratch database: {err}");
     }
 }
+
+/// Every listen address `lab up` has, by its variable.
+pub const ADDRS: &[&str] = &[
+    "CATALOG_HTTP_ADDR",
+    "CATALOG_GRPC_ADDR",
+    "CACHING_HTTP_ADDR",
+    "OUTBOX_HTTP_ADDR",
+    "OUTBOX_RELAY_ADDR",
+    "OUTBOX_CONSUMER_ADDR",
+    "CHAT_HTTP_ADDR",
+    "TELEMETRY_HTTP_ADDR",
+];
+
+/// `lab up` with every address on a free port, a scratch database and its
+/// own keys, queues and topics, so it runs beside a learner's `lab up` and
+/// beside other tests. Dropping the database is the caller's (`stop`).
+pub struct ScratchLab {
+    pub lab: LabUp,
+    pub ports: Vec<(&'static str, u16)>,
+    pub database_url: String,
+}
+
+impl ScratchLab {
+    pub fn start(name: &str) -> Self {
+        let id = format!("{name}_{}", std::process::id());
+        let ports: Vec<(&'static str, u16)> = ADDRS.iter().map(|v| (*v, free_port())).collect();
+        let database_url = format!("postgres://postgres:postgres@localhost:5432/lab_{id}");
+        let mut envs: Vec<(String, String)> = ports
+            .iter()
+            .map(|(v, p)| (v.to_string(), format!("127.0.0.1:{p}")))
+            .collect();
+        envs.extend(
+            [
+                ("DATABASE_URL", database_url.clone()),
+                ("CACHE_KEY_PREFIX", format!("lab:{id}:caching:")),
+                ("CHAT_KEY_PREFIX", format!("lab:{id}:chat:")),
+                ("OUTBOX_EXCHANGE", format!("lab.{name}.events")),
+                ("OUTBOX_QUEUE", format!("lab.{name}.notifications")),
+                ("TELEMETRY_CLIENT_ID", format!("lab-{id}")),
+                ("TELEMETRY_SHARE_GROUP", format!("lab-{id}")),
+                ("TELEMETRY_TOPIC_PREFIX", format!("{id}/")),
+                ("INGEST_SESSION_EXPIRY_SECS", "60".into()),
+                ("RUST_LOG", "warn".into()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v)),
+        );
+        let work = std::env::temp_dir().join(format!("lab-{id}"));
+        std::fs::create_dir_all(&work).unwrap();
+        let ready: Vec<u16> = ports
+            .iter()
+            .filter(|(v, _)| *v != "CATALOG_GRPC_ADDR")
+            .map(|(_, p)| *p)
+            .collect();
+        let bin = PathBuf::from(env!("CARGO_BIN_EXE_lab"));
+        let lab = LabUp::start(&bin, &envs, &ready, work.join("lab-up.log"));
+        Self {
+            lab,
+            ports,
+            database_url,
+        }
+    }
+
+    pub fn port(&self, variable: &str) -> u16 {
+        self.ports.iter().find(|(v, _)| *v == variable).unwrap().1
+    }
+
+    /// SIGTERM, the exit status, and the database dropped.
+    pub fn stop(self) -> ExitStatus {
+        let status = self.lab.stop();
+        drop_database(&self.database_url);
+        status
+    }
+}
