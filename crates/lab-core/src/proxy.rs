@@ -70,11 +70,16 @@ impl Proxy {
                         let (server_read, server_write) = server.into_split();
                         let up = pump(client_read, server_write, paused.clone());
                         let down = pump(server_read, client_write, paused);
+                        // The pumps own the sockets: pinned here, they live
+                        // (and keep the sockets open) until this task ends.
+                        let pumps = async { tokio::join!(up, down) };
+                        tokio::pin!(pumps);
                         tokio::select! {
-                            _ = async { tokio::join!(up, down) } => {}
+                            _ = &mut pumps => {}
                             _ = cut.changed() => {}
                             _ = silence.changed() => {
-                                // Hold both sockets open, pass nothing.
+                                // Both sockets stay open; nothing is polled,
+                                // so nothing passes, until a cut.
                                 let _ = cut.changed().await;
                             }
                         }
@@ -158,5 +163,83 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
         self.cut();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::Proxy;
+
+    /// An echo server, and a client connected to it through a proxy.
+    async fn echo_through_proxy() -> (Proxy, TcpStream) {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = server.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = server.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = socket.read(&mut buf).await {
+                        if socket.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let proxy = Proxy::start(&target).await.unwrap();
+        let client = TcpStream::connect(proxy.addr).await.unwrap();
+        (proxy, client)
+    }
+
+    async fn echo(client: &mut TcpStream, bytes: &[u8]) -> Option<Vec<u8>> {
+        client.write_all(bytes).await.ok()?;
+        let mut buf = vec![0u8; bytes.len()];
+        match tokio::time::timeout(Duration::from_millis(500), client.read_exact(&mut buf)).await {
+            Ok(Ok(_)) => Some(buf),
+            _ => None,
+        }
+    }
+
+    /// Silence is a link that died without a word: no bytes, and no close
+    /// either (a read waits, it does not see end-of-file).
+    #[tokio::test]
+    async fn a_silenced_connection_passes_nothing_and_stays_open() {
+        let (proxy, mut client) = echo_through_proxy().await;
+        assert_eq!(
+            echo(&mut client, b"ping").await.as_deref(),
+            Some(&b"ping"[..])
+        );
+        proxy.silence();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(echo(&mut client, b"ping").await, None, "nothing passes");
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(300), client.read(&mut buf)).await;
+        assert!(
+            read.is_err(),
+            "the connection must stay open, not close: {read:?}"
+        );
+    }
+
+    /// Held bytes are delivered late, not lost.
+    #[tokio::test]
+    async fn held_bytes_arrive_after_release() {
+        let (proxy, mut client) = echo_through_proxy().await;
+        assert!(echo(&mut client, b"one").await.is_some());
+        proxy.hold();
+        assert_eq!(echo(&mut client, b"two").await, None, "held");
+        proxy.release();
+        let mut buf = [0u8; 3];
+        tokio::time::timeout(Duration::from_secs(2), client.read_exact(&mut buf))
+            .await
+            .expect("delivered after release")
+            .unwrap();
+        assert_eq!(&buf, b"two");
     }
 }
