@@ -50,6 +50,22 @@ impl Running<OutboxPart> {
     }
 }
 
+/// `host:port` of the test's Postgres, for a proxy to stand in front of.
+pub fn postgres_addr(pool: &PgPool) -> String {
+    let options = pool.connect_options();
+    format!("{}:{}", options.get_host(), options.get_port())
+}
+
+/// A pool to the test's own database that goes through `proxy`: give it to
+/// one relay, and the proxy can cut or silence that relay's sessions alone.
+pub fn pool_through(pool: &PgPool, proxy: &lab_core::proxy::Proxy) -> PgPool {
+    let options = (*pool.connect_options())
+        .clone()
+        .host(&proxy.addr.ip().to_string())
+        .port(proxy.addr.port());
+    lab_core::postgres::pool(options)
+}
+
 /// Outbox settings for one test: its own exchange and queue, quick polls
 /// and quick takeovers. Deletes them from the shared broker when dropped.
 pub struct OutboxTopology {

@@ -1,4 +1,4 @@
-//! The consumer: at-least-once in, effectively-once out.
+//! The consumer: at-least-once in, effectively-once and in order out.
 //!
 //! The relay may publish an event twice (it crashed after the broker
 //! confirmed but before it marked the row), and the broker redelivers every
@@ -9,8 +9,33 @@
 //! twice. The ack is sent only after the commit: a crash between the two
 //! means one more redelivery, never a lost event.
 //!
+//! **Order is kept here, not on the wire.** The broker can deliver an
+//! order's `order.cancelled` before its `order.created`: the relay's
+//! confirms are per message, so the broker can refuse or return the
+//! creation (a nack, or no queue bound for it) after it has already
+//! delivered the cancellation, and the relay publishes the creation again
+//! later; and when this consumer fails on the creation and requeues it, the
+//! cancellation may already be in its hands (prefetched). So every event
+//! carries its order's `sequence` (1, 2, …, given in the order's
+//! transaction), and `order_progress` holds the last sequence applied per
+//! order, its row lock taking one order's events in turn across consumers.
+//! An event applies only as the successor of the last one applied. One that
+//! arrives early is *parked*: written to `parked_events` and acknowledged.
+//! When its predecessor is applied, the same transaction applies every
+//! parked successor that now follows.
+//!
+//! Rejected: requeueing an early event until its predecessor is there. A
+//! requeue comes straight back, so it spins, and each spin is a delivery
+//! attempt: after `CONSUMER_MAX_ATTEMPTS` the broker dead-letters the event,
+//! and its effect is lost while the predecessor may be a second away. Also
+//! rejected: holding it in memory, unacknowledged, which fills the prefetch
+//! window with waiting messages and is lost with the process. The price of
+//! parking: a successor whose predecessor never comes (lost by the
+//! dual-write path, or dead-lettered) waits in `parked_events` for good, in
+//! plain sight (`/stats` counts parked events), never applied out of order.
+//!
 //! Messages are handled in a few lanes at once, chosen by the aggregate id
-//! header, so events of one order stay in order while different orders
+//! header, so events of one order stay in one lane while different orders
 //! proceed side by side. A message that can never be handled (malformed
 //! JSON, an unknown event type) is rejected to the dead-letter queue at
 //! once; one that fails for another reason is requeued, and RabbitMQ
@@ -39,7 +64,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
 };
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -67,6 +92,7 @@ pub struct ConsumerStats {
     duplicates: Family<PathLabel, Counter>,
     dead_lettered: Counter,
     requeued: Counter,
+    parked: Counter,
     connected: Gauge,
 }
 
@@ -77,6 +103,8 @@ pub struct StatsBody {
     pub duplicates_suppressed: u64,
     pub dead_lettered: u64,
     pub requeued: u64,
+    /// Events that arrived before their predecessor and waited for it.
+    pub parked: u64,
 }
 
 impl ConsumerStats {
@@ -104,6 +132,7 @@ impl ConsumerStats {
                 .sum(),
             dead_lettered: self.dead_lettered.get(),
             requeued: self.requeued.get(),
+            parked: self.parked.get(),
         }
     }
 }
@@ -120,8 +149,11 @@ struct OrderData {
 }
 
 enum Outcome {
-    Handled,
+    /// Applied, with this many parked successors it released.
+    Handled(u64),
     Duplicate(String),
+    /// Arrived before its predecessor: kept in `parked_events`.
+    Parked,
     /// Can never succeed: straight to the dead-letter queue.
     Poison(String),
     /// Failed this time: requeue (RabbitMQ bounds the attempts).
@@ -157,6 +189,11 @@ impl Consumer {
             "requeued",
             "Messages that failed and were requeued",
             stats.requeued.clone(),
+        );
+        metrics.register(
+            "parked",
+            "Events that arrived before their predecessor and were kept until it was applied",
+            stats.parked.clone(),
         );
         metrics.register(
             "broker_connected",
@@ -282,8 +319,12 @@ impl Consumer {
             Ok((event, order)) => self.record(&event, &order, shutdown).await,
         };
         let acked = match outcome {
-            Outcome::Handled => {
-                self.stats.handled.inc();
+            Outcome::Handled(released) => {
+                self.stats.handled.inc_by(1 + released);
+                bounded(delivery.ack(BasicAckOptions::default())).await
+            }
+            Outcome::Parked => {
+                self.stats.parked.inc();
                 bounded(delivery.ack(BasicAckOptions::default())).await
             }
             Outcome::Duplicate(path) => {
@@ -332,8 +373,9 @@ impl Consumer {
         let mut backoff = Backoff::reconnect();
         loop {
             match self.record_once(event, order).await {
-                Ok(true) => return Outcome::Handled,
-                Ok(false) => {
+                Ok(Recorded::Applied(released)) => return Outcome::Handled(released),
+                Ok(Recorded::Parked) => return Outcome::Parked,
+                Ok(Recorded::Before) => {
                     return Outcome::Duplicate(
                         order.delivery.clone().unwrap_or_else(|| "unknown".into()),
                     );
@@ -354,33 +396,127 @@ impl Consumer {
         }
     }
 
-    /// `Ok(false)`: this event was handled before.
-    async fn record_once(&self, event: &Event, order: &OrderData) -> sqlx::Result<bool> {
+    /// One transaction: apply the event if it is its order's next one (and
+    /// every parked successor it releases), park it if it is early.
+    async fn record_once(&self, event: &Event, order: &OrderData) -> sqlx::Result<Recorded> {
         let mut tx = self.pool.begin().await?;
-        let first_time = sqlx::query(
-            "INSERT INTO processed_events (event_id) VALUES ($1) ON CONFLICT DO NOTHING",
-        )
-        .bind(event.event_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !first_time {
-            return Ok(false); // the transaction rolls back on drop; nothing to undo
+        let applied = lock_progress(&mut tx, event.aggregate_id).await?;
+        if event.sequence <= applied {
+            // The order is past it: applied before, this is a redelivery.
+            return Ok(Recorded::Before); // rolls back on drop
         }
-        sqlx::query(
-            "INSERT INTO notifications (event_id, order_id, event_type, message, occurred_at) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(event.event_id)
-        .bind(order.id)
-        .bind(&event.event_type)
-        .bind(message(&event.event_type, order))
-        .bind(event.occurred_at)
-        .execute(&mut *tx)
-        .await?;
+        if event.sequence > applied + 1 {
+            let parked = park(&mut tx, event).await?;
+            tx.commit().await?;
+            // A redelivery of an event already parked parks nothing new.
+            return Ok(if parked {
+                Recorded::Parked
+            } else {
+                Recorded::Before
+            });
+        }
+        if !apply(&mut tx, event, order).await? {
+            return Ok(Recorded::Before);
+        }
+        let released = release_parked(&mut tx, event.aggregate_id, event.sequence).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(Recorded::Applied(released))
+    }
+}
+
+/// What one transaction did with an event.
+enum Recorded {
+    /// Applied now, and this many parked successors with it.
+    Applied(u64),
+    /// Arrived before its predecessor: parked.
+    Parked,
+    /// Applied or parked before: a redelivery.
+    Before,
+}
+
+/// Locks the order's progress row (creating it at the order's first event)
+/// and returns the last sequence applied. The lock makes one order's events
+/// take turns, so an event parked by one consumer cannot be missed by
+/// another that applies its predecessor at the same moment.
+async fn lock_progress(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "INSERT INTO order_progress (order_id, applied) VALUES ($1, 0) \
+         ON CONFLICT (order_id) DO UPDATE SET applied = order_progress.applied \
+         RETURNING applied",
+    )
+    .bind(order_id)
+    .fetch_one(tx)
+    .await
+}
+
+/// Keeps an early event until its predecessor is applied. False: it was
+/// parked already.
+async fn park(tx: &mut PgConnection, event: &Event) -> sqlx::Result<bool> {
+    let envelope = serde_json::to_value(event).expect("events serialize");
+    let inserted = sqlx::query(
+        "INSERT INTO parked_events (event_id, order_id, sequence, envelope) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(event.event_id)
+    .bind(event.aggregate_id)
+    .bind(event.sequence)
+    .bind(envelope)
+    .execute(tx)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// The side effect and the memory of it, in the caller's transaction.
+/// False: this event id was acted on before.
+async fn apply(tx: &mut PgConnection, event: &Event, order: &OrderData) -> sqlx::Result<bool> {
+    let first_time =
+        sqlx::query("INSERT INTO processed_events (event_id) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(event.event_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+    if !first_time {
+        return Ok(false);
+    }
+    sqlx::query(
+        "INSERT INTO notifications (event_id, order_id, event_type, message, occurred_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(event.event_id)
+    .bind(order.id)
+    .bind(&event.event_type)
+    .bind(message(&event.event_type, order))
+    .bind(event.occurred_at)
+    .execute(tx)
+    .await?;
+    Ok(true)
+}
+
+/// Records `applied` as the order's progress and applies each parked event
+/// that now comes next. Returns how many it applied.
+async fn release_parked(tx: &mut PgConnection, order_id: Uuid, applied: i64) -> sqlx::Result<u64> {
+    let (mut applied, mut released) = (applied, 0);
+    loop {
+        let next: Option<sqlx::types::Json<Event>> = sqlx::query_scalar(
+            "WITH progress AS (UPDATE order_progress SET applied = $2 WHERE order_id = $1) \
+             DELETE FROM parked_events WHERE order_id = $1 AND sequence = $2 + 1 \
+             RETURNING envelope",
+        )
+        .bind(order_id)
+        .bind(applied)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(sqlx::types::Json(event)) = next else {
+            return Ok(released);
+        };
+        // Parked only once parsed, and never applied (it was not next).
+        let order: OrderData = serde_json::from_value(event.data.clone())
+            .map_err(|err| sqlx::Error::Decode(Box::new(err)))?;
+        if apply(tx, &event, &order).await? {
+            released += 1;
+        }
+        applied = event.sequence;
     }
 }
 
@@ -390,6 +526,9 @@ fn parse(body: &[u8]) -> Result<(Event, OrderData), String> {
         serde_json::from_slice(body).map_err(|err| format!("not an event envelope: {err}"))?;
     if ![ORDER_CREATED, ORDER_CANCELLED].contains(&event.event_type.as_str()) {
         return Err(format!("unknown event type {:?}", event.event_type));
+    }
+    if event.sequence < 1 {
+        return Err(format!("sequence {} (they start at 1)", event.sequence));
     }
     let order: OrderData = serde_json::from_value(event.data.clone())
         .map_err(|err| format!("{} without a valid order: {err}", event.event_type))?;

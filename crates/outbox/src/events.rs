@@ -1,7 +1,10 @@
 //! What travels through RabbitMQ, and the topology it travels through.
 //!
 //! Every event is one JSON envelope, the same whichever path sent it:
-//! `{"event_id","event_type","aggregate_id","occurred_at","data"}`. The
+//! `{"event_id","event_type","aggregate_id","sequence","occurred_at","data"}`.
+//! `sequence` numbers one order's events 1, 2, …, assigned in the order's
+//! transaction: the consumer applies them in that order whatever order the
+//! broker delivers them in (see [`crate::consumer`]). The
 //! AMQP properties repeat what a router or a consumer needs without parsing
 //! the body: `message_id` is the event id (the consumer's idempotency key),
 //! the headers carry the aggregate id and event type.
@@ -33,16 +36,25 @@ pub struct Event {
     pub event_id: Uuid,
     pub event_type: String,
     pub aggregate_id: Uuid,
+    /// This event's place among its aggregate's events: 1, 2, … (the
+    /// aggregate's version after the change, taken under its row lock).
+    pub sequence: i64,
     pub occurred_at: DateTime<Utc>,
     pub data: serde_json::Value,
 }
 
 impl Event {
-    pub fn new(event_type: &str, aggregate_id: Uuid, data: serde_json::Value) -> Self {
+    pub fn new(
+        event_type: &str,
+        aggregate_id: Uuid,
+        sequence: i64,
+        data: serde_json::Value,
+    ) -> Self {
         Self {
             event_id: Uuid::now_v7(),
             event_type: event_type.to_owned(),
             aggregate_id,
+            sequence,
             occurred_at: Utc::now(),
             data,
         }

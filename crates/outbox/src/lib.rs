@@ -12,10 +12,12 @@
 //!   `outbox` table in one Postgres transaction: both or neither.
 //! - [`relay`] — publishes outbox rows to RabbitMQ and marks them published
 //!   only after the broker confirms them. One relay leads (a Postgres
-//!   advisory lock); others wait as hot standbys.
+//!   advisory lock with a [`lease`], so a leader that dies silently is
+//!   replaced in seconds); others wait as hot standbys.
 //! - [`consumer`] — delivery is at least once, so the consumer remembers the
 //!   event ids it has acted on and acknowledges a redelivery without acting
-//!   twice. Poison messages go to a dead-letter queue.
+//!   twice, and applies each order's events in their sequence, whatever order
+//!   they arrive in. Poison messages go to a dead-letter queue.
 //!
 //! [`chaos`] runs both paths through a TCP proxy that cuts the broker
 //! connection and counts what arrived. Try it:
@@ -24,6 +26,7 @@
 pub mod chaos;
 pub mod consumer;
 pub mod events;
+pub mod lease;
 pub mod orders;
 pub mod relay;
 
@@ -101,6 +104,15 @@ pub struct Settings {
         default_value_t = 1000
     )]
     pub relay_lease_retry_ms: u64,
+    /// A leader whose lock session shows no sign of life for this long is
+    /// replaced: a standby ends that session and takes the lead. 1000 or more.
+    #[arg(
+        long = "relay-lease-ttl-ms",
+        env = "RELAY_LEASE_TTL_MS",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1000..)
+    )]
+    pub relay_lease_ttl_ms: u64,
     /// Published outbox rows are deleted after this long.
     #[arg(
         long = "outbox-retention-secs",

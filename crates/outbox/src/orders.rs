@@ -5,6 +5,11 @@
 //! Nothing talks to RabbitMQ here: the relay does that later, and a broker
 //! outage cannot fail an order or lose its event.
 //!
+//! Each change also bumps the order's `version` under the order's row lock,
+//! and its event carries that version as its `sequence`: the number the
+//! consumer uses to apply one order's events in order, however the broker
+//! delivers them.
+//!
 //! `?delivery=dual-write` is the naive alternative, kept to be watched
 //! failing: commit the order, then publish straight to the broker. When the
 //! publish fails (broker down, connection cut, confirm never arriving) the
@@ -201,7 +206,8 @@ impl Orders {
             created_at: now,
             updated_at: now,
         };
-        let event = Event::new(ORDER_CREATED, order.id, to_json(&order));
+        // An order's first version: the insert below takes the column's default, 1.
+        let event = Event::new(ORDER_CREATED, order.id, 1, to_json(&order));
         let pg = |err| pg_error(&self.pool, err);
 
         let mut tx = self.pool.begin().await.map_err(pg)?;
@@ -277,27 +283,31 @@ impl Orders {
     pub async fn cancel(&self, id: Uuid) -> Result<Order> {
         let pg = |err| pg_error(&self.pool, err);
         let mut tx = self.pool.begin().await.map_err(pg)?;
-        let current: Option<String> =
-            sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 FOR UPDATE")
+        // The row lock makes this change, and the version it gives the
+        // event, the only one in flight for this order.
+        let current: Option<(String, i64)> =
+            sqlx::query_as("SELECT status, version FROM orders WHERE id = $1 FOR UPDATE")
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(pg)?;
-        match current.as_deref() {
+        let version = match current {
             None => return Err(Error::NotFound(format!("no order {id}"))),
-            Some("cancelled") => {
+            Some((status, _)) if status == "cancelled" => {
                 return Err(Error::Conflict(format!("order {id} is already cancelled")));
             }
-            Some(_) => {}
-        }
+            Some((_, version)) => version + 1,
+        };
         let order: Order = sqlx::query_as(
-            "UPDATE orders SET status = 'cancelled', updated_at = now() WHERE id = $1 RETURNING *",
+            "UPDATE orders SET status = 'cancelled', version = $2, updated_at = now() \
+             WHERE id = $1 RETURNING *",
         )
         .bind(id)
+        .bind(version)
         .fetch_one(&mut *tx)
         .await
         .map_err(pg)?;
-        let event = Event::new(ORDER_CANCELLED, order.id, to_json(&order));
+        let event = Event::new(ORDER_CANCELLED, order.id, version, to_json(&order));
         let dual_write = order.delivery == Delivery::DualWrite.as_str();
         if !dual_write {
             insert_event(&mut tx, &event).await.map_err(pg)?;
@@ -577,7 +587,7 @@ struct Api {
         description = "Orders whose events reach RabbitMQ through a transactional outbox, or (?delivery=dual-write) through the naive dual write that loses them."
     ),
     paths(create, get_order, cancel, stats),
-    components(schemas(ErrorBody, lab_core::openapi::ErrorDetail))
+    components(schemas(Delivery, ErrorBody, lab_core::openapi::ErrorDetail))
 )]
 pub struct ApiDoc;
 

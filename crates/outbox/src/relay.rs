@@ -8,12 +8,33 @@
 //! commit leaves the rows pending and they are published again: delivery is
 //! at least once, and the consumer makes it effectively once.
 //!
-//! Per-aggregate order needs a single publisher, so relays elect a leader:
-//! the one holding a Postgres session advisory lock. The lock lives on the
-//! connection that runs the batches, so a leader that loses its database
-//! connection loses the lock at the same moment and cannot publish on as a
-//! zombie. Standbys retry the lock every `RELAY_LEASE_RETRY_MS` and take over
-//! when the leader dies (Postgres drops a dead session's locks).
+//! Order on the wire is not a guarantee the relay can give. Confirms are per
+//! message: the broker can refuse (nack) or return (no queue bound) event k
+//! after it has already delivered k+1 of the same order, and k goes out
+//! again later. The relay still marks only the confirmed prefix and keeps
+//! one publisher, which keeps reordering rare; the consumer makes it
+//! harmless by applying each order's events by their sequence number.
+//!
+//! **Leadership.** Relays elect a leader, the one holding a Postgres
+//! session advisory lock, so one publisher sends each batch once. The lock
+//! lives on the connection that runs the batches, so a leader whose session
+//! ends loses the lock at the same moment and cannot publish on as a zombie.
+//! Standbys retry the lock every `RELAY_LEASE_RETRY_MS`.
+//!
+//! A leader that dies without a word (its host crashes, or a partition
+//! drops its packets) leaves a session Postgres keeps for hours, and the
+//! lock with it. So the lock comes with a lease ([`crate::lease`]): the
+//! leader speaks on its lock connection at least every quarter
+//! `RELAY_LEASE_TTL_MS`, with every statement bounded by half of it, and
+//! steps down when Postgres does not answer; a standby that finds the
+//! holder's session silent for the whole TTL ends it and leads. **The
+//! bound: a standby leads within `RELAY_LEASE_TTL_MS` +
+//! `RELAY_LEASE_RETRY_MS` of the leader's last word to Postgres, 11 s with
+//! the defaults** (a statement round trip more); the silent leader itself
+//! stops within 3/4 TTL. The trade-off: a shorter TTL fails over sooner but
+//! deposes a leader that merely stalls, and split brain, when a paused
+//! leader wakes next to its successor, costs duplicates the consumer drops,
+//! never a lost event.
 //!
 //! The relay sleeps until a trigger's `NOTIFY outbox` says a row committed,
 //! or the poll interval passes (NOTIFY is not durable: one sent while the
@@ -21,7 +42,8 @@
 //!
 //! lapin does not reconnect by itself, so the relay owns that loop: a broker
 //! failure closes the connection, waits with backoff and connects again,
-//! keeping the lead; events written meanwhile wait in the outbox.
+//! keeping the lead (and the lease); events written meanwhile wait in the
+//! outbox.
 
 use std::{
     sync::{
@@ -42,16 +64,17 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{Settings, events};
+use crate::{Settings, events, lease::Lease};
 use lab_core::backoff::Backoff;
 
-/// The advisory lock key all relays of one database contend for ("outbox").
-const LEADER_LOCK: i64 = 0x6f75_7462_6f78;
 /// How long to wait for the confirms of one batch before giving up on the
 /// connection.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the leader deletes published rows older than the retention.
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+/// Rows deleted per statement, so that no clean-up outlasts the lease's
+/// deadline for one statement.
+const CLEANUP_BATCH: i64 = 5000;
 
 #[derive(Debug, thiserror::Error)]
 enum RelayError {
@@ -110,6 +133,7 @@ pub struct Relay {
     pool: PgPool,
     amqp_url: String,
     settings: Arc<Settings>,
+    lease: Lease,
     state: Arc<RelayState>,
 }
 
@@ -138,6 +162,7 @@ impl Relay {
         Self {
             pool,
             amqp_url,
+            lease: Lease::new(settings.relay_lease_ttl_ms),
             settings: Arc::new(settings),
             state,
         }
@@ -170,25 +195,22 @@ impl Relay {
     async fn stand_by_then_lead(&self, shutdown: &CancellationToken) -> Result<(), RelayError> {
         // A connection of its own, outside the pool: the lock belongs to it.
         let mut lock = self.pool.acquire().await?.detach();
-        loop {
-            let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(LEADER_LOCK)
-                .fetch_one(&mut lock)
-                .await?;
-            if won {
-                break;
-            }
+        self.lease.prepare(&mut lock).await?;
+        let retry = Duration::from_millis(self.settings.relay_lease_retry_ms);
+        while !self.lease.try_acquire(&mut lock).await? {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(Duration::from_millis(self.settings.relay_lease_retry_ms)) => {}
+                () = tokio::time::sleep(retry) => {}
             }
         }
         tracing::info!(relay = %self.state.id, "relay leads");
         self.state.set_leader(true);
         let result = self.lead(&mut lock, shutdown).await;
         self.state.set_leader(false);
-        // Closing the session releases the lock for a standby.
-        let _ = sqlx::Connection::close(lock).await;
+        // Closing the session releases the lock for a standby. On a silent
+        // connection the goodbye goes nowhere: do not wait for it (a
+        // standby ends that session once its lease runs out).
+        let _ = tokio::time::timeout(self.lease.grace(), sqlx::Connection::close(lock)).await;
         result
     }
 
@@ -197,11 +219,13 @@ impl Relay {
         lock: &mut PgConnection,
         shutdown: &CancellationToken,
     ) -> Result<(), RelayError> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen("outbox").await?;
+        let lease = self.lease;
+        let mut listener = lease.bounded(PgListener::connect_with(&self.pool)).await?;
+        lease.bounded(listener.listen("outbox")).await?;
         let mut backoff = Backoff::reconnect();
         loop {
-            let connected = self.connect().await;
+            // Waiting on the broker, the leader still proves it is alive.
+            let connected = lease.keep(lock, self.connect()).await?;
             let failure = match connected {
                 Ok((connection, channel)) => {
                     self.state.broker_connected.set(1);
@@ -213,17 +237,22 @@ impl Relay {
                     lab_core::amqp::close(&connection, "relay stopping").await;
                     match result {
                         Ok(()) => return Ok(()),
-                        Err(RelayError::Postgres(err)) => return Err(err.into()),
                         Err(RelayError::Broker(err)) => err,
+                        Err(err) => return Err(err),
                     }
                 }
                 Err(err) => err,
             };
             let delay = backoff.next_delay();
             tracing::warn!(relay = %self.state.id, "{failure}; reconnecting in {delay:?}");
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(delay) => {}
+            let waited = lease.keep(lock, async {
+                tokio::select! {
+                    () = shutdown.cancelled() => false,
+                    () = tokio::time::sleep(delay) => true,
+                }
+            });
+            if !waited.await? {
+                return Ok(());
             }
         }
     }
@@ -246,7 +275,9 @@ impl Relay {
         channel: &Channel,
         shutdown: &CancellationToken,
     ) -> Result<(), RelayError> {
-        let poll = Duration::from_millis(self.settings.relay_poll_interval_ms);
+        // Each round is also the lease's heartbeat.
+        let poll =
+            Duration::from_millis(self.settings.relay_poll_interval_ms).min(self.lease.heartbeat());
         let mut last_cleanup: Option<Instant> = None;
         // An idle relay sends nothing, so without listening it would learn of
         // a lost broker only at its next publish, and `/status` would say
@@ -290,22 +321,47 @@ impl Relay {
         lock: &mut PgConnection,
         channel: &Channel,
     ) -> Result<usize, RelayError> {
-        let mut tx = sqlx::Connection::begin(&mut *lock).await?;
-        let rows: Vec<(i64, Uuid, Uuid, String, String)> = sqlx::query_as(
+        let lease = self.lease;
+        let mut tx = lease.bounded(sqlx::Connection::begin(&mut *lock)).await?;
+        let select = sqlx::query_as(
             "SELECT id, event_id, aggregate_id, event_type, payload::text FROM outbox \
              WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(self.settings.relay_batch_size)
-        .fetch_all(&mut *tx)
-        .await?;
+        .fetch_all(&mut *tx);
+        let rows: Vec<Row> = lease.bounded(select).await?;
         if rows.is_empty() {
-            tx.commit().await?;
+            lease.bounded(tx.commit()).await?;
             return Ok(0);
         }
+        // The broker may take its time: the lease is kept meanwhile, on the
+        // batch's own transaction.
+        let confirmations = lease.keep(&mut tx, self.publish(channel, &rows)).await??;
+        let (confirmed, problem) = self.confirmed_prefix(&rows, confirmations);
+        if !confirmed.is_empty() {
+            let mark = sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+                .bind(&confirmed)
+                .execute(&mut *tx);
+            lease.bounded(mark).await?;
+        }
+        lease.bounded(tx.commit()).await?;
+        self.state.published.inc_by(confirmed.len() as u64);
+        self.state.batches.inc();
+        match problem {
+            Some(problem) => Err(RelayError::Broker(problem)),
+            None => Ok(confirmed.len()),
+        }
+    }
 
-        // Publish the whole batch, then wait: every message is in flight at once.
+    /// Publishes every row, then waits for all their confirms: every
+    /// message is in flight at once.
+    async fn publish(
+        &self,
+        channel: &Channel,
+        rows: &[Row],
+    ) -> Result<Vec<Confirmation>, RelayError> {
         let mut confirms = Vec::with_capacity(rows.len());
-        for (_, event_id, aggregate_id, event_type, payload) in &rows {
+        for (_, event_id, aggregate_id, event_type, payload) in rows {
             let confirm = events::publish(
                 channel,
                 &self.settings.exchange,
@@ -319,66 +375,65 @@ impl Relay {
             .map_err(broker)?;
             confirms.push(confirm);
         }
-        let confirmations =
-            tokio::time::timeout(CONFIRM_TIMEOUT, futures::future::try_join_all(confirms))
-                .await
-                .map_err(|_| broker(format!("no publisher confirms within {CONFIRM_TIMEOUT:?}")))?
-                .map_err(broker)?;
+        tokio::time::timeout(CONFIRM_TIMEOUT, futures::future::try_join_all(confirms))
+            .await
+            .map_err(|_| broker(format!("no publisher confirms within {CONFIRM_TIMEOUT:?}")))?
+            .map_err(broker)
+    }
 
-        // Only the confirmed prefix is marked: marking a later event while an
-        // earlier one of the same order must be sent again would reorder them.
-        let mut problem = None;
+    /// The ids of the confirmed prefix of `rows`, and what stopped it. Only
+    /// the prefix is marked: the rows from the first failure on go out again,
+    /// in id order (the consumer orders each order's events by sequence
+    /// anyway, so this keeps the outbox simple rather than correct).
+    fn confirmed_prefix(
+        &self,
+        rows: &[Row],
+        confirmations: Vec<Confirmation>,
+    ) -> (Vec<i64>, Option<String>) {
         let mut confirmed = Vec::with_capacity(rows.len());
         for (row, confirmation) in rows.iter().zip(confirmations) {
-            match confirmation {
-                Confirmation::Ack(None) => confirmed.push(row.0),
-                Confirmation::Ack(Some(_)) => {
-                    problem = Some(format!(
-                        "RabbitMQ had no queue bound for {:?} on exchange {:?} (is the consumer running?)",
-                        row.3, self.settings.exchange
-                    ));
-                    break;
+            let problem = match confirmation {
+                Confirmation::Ack(None) => {
+                    confirmed.push(row.0);
+                    continue;
                 }
-                Confirmation::Nack(_) => {
-                    problem = Some("RabbitMQ refused a message (nack)".into());
-                    break;
-                }
-                Confirmation::NotRequested => {
-                    problem = Some("the channel is not in confirm mode".into());
-                    break;
-                }
-            }
+                Confirmation::Ack(Some(_)) => format!(
+                    "RabbitMQ had no queue bound for {:?} on exchange {:?} (is the consumer running?)",
+                    row.3, self.settings.exchange
+                ),
+                Confirmation::Nack(_) => "RabbitMQ refused a message (nack)".into(),
+                Confirmation::NotRequested => "the channel is not in confirm mode".into(),
+            };
+            return (confirmed, Some(problem));
         }
-        if !confirmed.is_empty() {
-            sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
-                .bind(&confirmed)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        self.state.published.inc_by(confirmed.len() as u64);
-        self.state.batches.inc();
-        match problem {
-            Some(problem) => Err(RelayError::Broker(problem)),
-            None => Ok(confirmed.len()),
-        }
+        (confirmed, None)
     }
 
-    /// Deletes published rows past the retention period.
+    /// Deletes published rows past the retention period, a bounded number
+    /// per statement.
     async fn clean_up(&self, lock: &mut PgConnection) -> Result<(), RelayError> {
-        let deleted = sqlx::query(
-            "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)",
-        )
-        .bind(self.settings.retention_secs as f64)
-        .execute(lock)
-        .await?
-        .rows_affected();
-        if deleted > 0 {
-            tracing::info!(deleted, "outbox rows past retention deleted");
+        loop {
+            let delete = sqlx::query(
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
+                   WHERE published_at < now() - make_interval(secs => $1) LIMIT $2)",
+            )
+            .bind(self.settings.retention_secs as f64)
+            .bind(CLEANUP_BATCH)
+            .execute(&mut *lock);
+            let deleted = self.lease.bounded(delete).await?.rows_affected();
+            if deleted > 0 {
+                tracing::info!(deleted, "outbox rows past retention deleted");
+            }
+            if deleted < CLEANUP_BATCH as u64 {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 }
+
+/// An outbox row as the relay reads it: id, event id, aggregate id, event
+/// type, payload.
+type Row = (i64, Uuid, Uuid, String, String);
 
 async fn status(State(state): State<Arc<RelayState>>) -> Json<RelayStatus> {
     Json(state.status())
