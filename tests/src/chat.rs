@@ -81,6 +81,12 @@ pub struct CrashableChat {
 impl CrashableChat {
     /// Starts it and waits until it is subscribed to the rooms' channels.
     pub async fn start(settings: chat::Settings) -> Self {
+        Self::start_with_redis(settings, &redis_url()).await
+    }
+
+    /// Starts it against `service_redis_url` (a proxy, say).
+    pub async fn start_with_redis(settings: chat::Settings, service_redis_url: &str) -> Self {
+        redis_connection(&redis_url()).await; // fail early, saying how to start Redis
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -89,7 +95,7 @@ impl CrashableChat {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let redis = redis_url();
+        let redis = service_redis_url.to_owned();
         runtime.spawn(async move {
             let listener = TcpListener::from_std(listener)?;
             chat::serve(listener, &redis, settings, CancellationToken::new()).await

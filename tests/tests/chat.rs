@@ -684,6 +684,11 @@ async fn bad_names_and_plain_http_are_refused_before_the_upgrade() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    // Not even UTF-8: still the lab's JSON error, as the document says.
+    let response = reqwest::get(app.url("/rooms/%FF/messages")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "malformed", "{body}");
     let response = reqwest::get(app.url("/rooms/lobby/messages?limit=0"))
         .await
         .unwrap();
@@ -804,4 +809,230 @@ async fn an_empty_room_leaves_the_list_and_its_history_expires_unless_someone_re
         .unwrap();
     assert_eq!(ttl, -1, "no expiry while someone is in the room");
     app.finish().await.unwrap();
+}
+
+/// The PTTL of a key: -1 when it has no expiry, -2 when it does not exist.
+async fn pttl(redis: &lab_core::redis::Redis, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut redis.clone())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn presence_restored_after_an_outage_is_listed_kept_and_swept() {
+    // Quick timings: a presence entry lives under a second unrefreshed.
+    let quick = chat::Settings {
+        ping_interval_ms: 200,
+        idle_timeout_ms: 1000,
+        ..ChatApp::settings()
+    };
+    let proxy = Proxy::start("127.0.0.1:6379").await.unwrap();
+    let sweeper = ChatApp::start(quick.clone()).await;
+    let doomed = CrashableChat::start_with_redis(quick, &proxy.url("redis")).await;
+    let (mut ada, _) = Member::join(&doomed.ws_url("attic", "ada")).await;
+    ada.say("anyone?").await;
+    ada.next_of("message").await;
+    // From here on ada only answers pings, as a browser would.
+    let _ada = tokio::spawn(async move { while let Some(Ok(_)) = ada.ws.next().await {} });
+    let redis = workshop::redis_connection(&workshop::redis_url()).await;
+    let history = format!("{}room:attic:history", sweeper.prefix);
+    let members = format!("{}room:attic:members", sweeper.prefix);
+
+    // An outage longer than the presence timeout: the other instance
+    // sweeps ada out, the room leaves the list, its history is set to expire.
+    proxy.cut();
+    workshop::eventually("the room forgotten during the outage", WAIT, || async {
+        (pttl(&redis, &history).await > 0).then_some(())
+    })
+    .await;
+    assert_eq!(sweeper.get_json("/rooms").await, json!({"rooms": []}));
+
+    // Redis is back: ada's instance puts her back, and the room with her.
+    proxy.restore();
+    workshop::eventually("ada present again", WAIT, || async {
+        let count: u64 = redis::cmd("ZCARD")
+            .arg(&members)
+            .query_async(&mut redis.clone())
+            .await
+            .unwrap();
+        (count == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        sweeper.get_json("/rooms").await,
+        json!({"rooms": [{"room": "attic", "members": 1}]}),
+        "the room is listed again"
+    );
+    assert_eq!(pttl(&redis, &history).await, -1, "the history is kept");
+
+    // Her instance dies: the ghost it left is swept like any other.
+    doomed.crash();
+    workshop::eventually("ada swept after her instance died", WAIT, || async {
+        let rooms = sweeper.get_json("/rooms").await;
+        (rooms == json!({"rooms": []})).then_some(())
+    })
+    .await;
+    assert!(pttl(&redis, &history).await > 0);
+    sweeper.finish().await.unwrap();
+}
+
+/// On a task: `member` says `<room> 0`, `<room> 1`, … one after another
+/// (reading each echo, so its own queue never fills) until `stop`, then
+/// `end`; returns what it said.
+fn keep_saying(
+    mut member: Member,
+    room: &'static str,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let mut said = Vec::new();
+        while !*stop.borrow_and_update() {
+            let text = format!("{room} {}", said.len());
+            member.say(&text).await;
+            assert_eq!(member.next_of("message").await["text"], text);
+            said.push(text);
+            // Paced, so the stream holds everything said (it keeps 1000).
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        member.say("end").await;
+        said.push("end".into());
+        said
+    })
+}
+
+/// Waits until a room's history holds at least `len` messages; returns how
+/// many it holds.
+async fn history_reaches(prefix: &str, room: &str, len: u64) -> u64 {
+    let redis = workshop::redis_connection(&workshop::redis_url()).await;
+    let key = format!("{prefix}room:{room}:history");
+    workshop::eventually(&format!("{len} messages in {room}"), WAIT, || {
+        let (mut redis, key) = (redis.clone(), key.clone());
+        async move {
+            let have: u64 = redis::cmd("XLEN")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .ok()?;
+            (have >= len).then_some(have)
+        }
+    })
+    .await
+}
+
+impl Member {
+    /// The texts of the messages that arrive, up to and including `last`.
+    async fn messages_until(&mut self, last: &str) -> Vec<String> {
+        let mut texts = Vec::new();
+        while texts.last().is_none_or(|t| t != last) {
+            let message = self.next_of("message").await;
+            texts.push(message["text"].as_str().unwrap().to_owned());
+        }
+        texts
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_while_a_subscription_was_down_reach_its_members_once_in_order() {
+    let proxy = Proxy::start("127.0.0.1:6379").await.unwrap();
+    let settings = chat::Settings {
+        // Room for every message missed: the test reads them at the end.
+        outbound_queue: 1024,
+        ..ChatApp::settings()
+    };
+    let a = ChatApp::start_with_redis(settings.clone(), &proxy.url("redis")).await;
+    let b = ChatApp::start(chat::Settings {
+        instance: "other".into(),
+        rate_per_sec: std::num::NonZeroU32::new(1000).unwrap(),
+        rate_burst: std::num::NonZeroU32::new(1000).unwrap(),
+        ..settings
+    })
+    .await;
+    // On a: the lobby has heard a message before the cut, the garden not.
+    let (mut ada, _) = Member::join(&a.ws_url("lobby", "ada")).await;
+    let (mut cy, _) = Member::join(&a.ws_url("lobby", "cy")).await;
+    let (mut dee, _) = Member::join(&a.ws_url("garden", "dee")).await;
+    let (mut bob, _) = Member::join(&b.ws_url("lobby", "bob")).await;
+    let (eve, _) = Member::join(&b.ws_url("garden", "eve")).await;
+    bob.say("before").await;
+    for member in [&mut bob, &mut ada, &mut cy] {
+        assert_eq!(member.next_of("message").await["text"], "before");
+    }
+
+    proxy.cut();
+    for member in [&mut ada, &mut cy, &mut dee] {
+        let error = member.next_of("error").await;
+        assert_eq!(error["code"], "redis_unavailable", "{error}");
+    }
+    // b's members talk on through the cut, the resubscription and after
+    // it, so some messages land while a catches up.
+    let (stop, stopped) = watch::channel(false);
+    let lobby = keep_saying(bob, "lobby", stopped.clone());
+    let garden = keep_saying(eve, "garden", stopped);
+    history_reaches(&a.prefix, "lobby", 1 + 5).await; // "before", then a few a misses
+    proxy.restore();
+    a.wait_until_ready().await; // subscribed again, and caught up
+    let so_far = history_reaches(&a.prefix, "lobby", 0).await;
+    history_reaches(&a.prefix, "lobby", so_far + 5).await; // and a few a hears live
+    stop.send_replace(true);
+    let (lobby, garden) = (lobby.await.unwrap(), garden.await.unwrap());
+
+    for (member, said) in [(&mut ada, &lobby), (&mut cy, &lobby), (&mut dee, &garden)] {
+        let got = member.messages_until("end").await;
+        assert_eq!(&got, said, "every message once, in order");
+    }
+    a.finish().await.unwrap();
+    b.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_catch_up_larger_than_a_queue_sends_the_newest_and_says_so() {
+    let proxy = Proxy::start("127.0.0.1:6379").await.unwrap();
+    let settings = chat::Settings {
+        outbound_queue: 8,
+        ..ChatApp::settings()
+    };
+    let a = ChatApp::start_with_redis(settings.clone(), &proxy.url("redis")).await;
+    let b = ChatApp::start(chat::Settings {
+        instance: "other".into(),
+        ..settings
+    })
+    .await;
+    let (mut ada, _) = Member::join(&a.ws_url("lobby", "ada")).await;
+    let (mut bob, _) = Member::join(&b.ws_url("lobby", "bob")).await;
+    ada.next_of("joined").await;
+
+    proxy.cut();
+    assert_eq!(ada.next_of("error").await["code"], "redis_unavailable");
+    for i in 0..12 {
+        bob.say(&format!("m{i}")).await;
+        bob.next_of("message").await;
+    }
+    proxy.restore();
+    // Twelve missed would overflow ada's queue of eight and cut her off as
+    // too slow: she gets the newest half a queue's worth, after a notice.
+    let mut frames = Vec::new();
+    loop {
+        let frame = ada.next().await;
+        if frame["code"] == "redis_restored" {
+            break;
+        }
+        frames.push(frame);
+    }
+    let first = frames.first().map(|f| (&f["type"], &f["code"]));
+    let notice = (&json!("notice"), &json!("messages_missed"));
+    assert_eq!(first, Some(notice), "{frames:?}");
+    let texts: Vec<&str> = frames[1..]
+        .iter()
+        .map(|f| f["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["m8", "m9", "m10", "m11"]);
+    bob.say("after").await;
+    assert_eq!(ada.next_of("message").await["text"], "after");
+    a.finish().await.unwrap();
+    b.finish().await.unwrap();
 }

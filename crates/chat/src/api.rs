@@ -7,6 +7,10 @@
 //! - `GET /rooms`, `GET /rooms/{room}/messages?limit=`: every room with its
 //!   member count, and a room's newest messages, across all instances.
 //!
+//! The three are described by an OpenAPI document ([`ApiDoc`], served at
+//! `GET /openapi.json`, browsable at `/docs/`), limits included; the page
+//! is not in it.
+//!
 //! Everything that can go wrong before a socket exists is an [`Error`],
 //! mapped once to the lab's JSON error body. The upgrade is the last
 //! moment a client can be told why in a body it can read: after it, the
@@ -15,25 +19,42 @@
 
 use axum::{
     Router,
-    extract::{Path, State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection},
+    extract::{State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection},
     http::header,
     response::{IntoResponse, Response},
     routing::get,
 };
-use lab_core::{ApiError, Json, Query, error::DependencyError};
+use lab_core::{ApiError, Json, Path, Query, error::DependencyError, openapi::ErrorBody};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::{App, connection, protocol, store};
 
+/// The chat lab's HTTP API, as served at `GET /openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "System Design Lab: chat",
+        description = "WebSocket rooms shared by several instances through Redis pub/sub; \
+            the rooms and their history as JSON. The WebSocket protocol itself (JSON text \
+            frames) is described in docs/labs/chat.md."
+    ),
+    paths(join, rooms, history),
+    components(schemas(lab_core::openapi::ErrorBody, lab_core::openapi::ErrorDetail))
+)]
+pub struct ApiDoc;
+
 pub fn routes(app: App) -> Router {
-    Router::new()
+    use utoipa::OpenApi;
+    let routes = Router::new()
         .route("/", get(page::index))
         .route("/chat.js", get(page::script))
         .route("/chat.css", get(page::style))
         .route("/ws", get(join))
         .route("/rooms", get(rooms))
         .route("/rooms/{room}/messages", get(history))
-        .with_state(app)
+        .with_state(app);
+    lab_core::openapi::with_docs(routes, ApiDoc::openapi())
 }
 
 /// Everything the HTTP side can answer with besides success, mapped once to
@@ -82,14 +103,46 @@ fn check_name(field: &str, value: &str) -> Result<(), Error> {
     protocol::check_name(field, value).map_err(Error::Malformed)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct JoinParams {
+    /// The room to join (created by naming it).
+    #[param(
+        required = true,
+        value_type = String,
+        pattern = "^[A-Za-z0-9_-]{1,32}$",
+        min_length = 1,
+        max_length = 32
+    )]
     room: Option<String>,
+    /// The member's name, shown to the others.
+    #[param(
+        required = true,
+        value_type = String,
+        pattern = "^[A-Za-z0-9_-]{1,32}$",
+        min_length = 1,
+        max_length = 32
+    )]
     name: Option<String>,
 }
 
-/// `GET /ws?room=…&name=…`: checks the names, then upgrades. A bad name is
-/// a 400 here, before the upgrade, where the client can still read why.
+/// Join a room over a WebSocket.
+///
+/// After the upgrade the client sends `{"type":"say","text":"…"}` (1–2000
+/// characters, frames up to 16 KiB) and receives `welcome`, `message`,
+/// `joined`, `left`, `error` and `notice` frames. The names are checked
+/// before the upgrade, where the client can still read why one is refused.
+#[utoipa::path(
+    get, path = "/ws", params(JoinParams),
+    responses(
+        (status = 101, description = "Switching Protocols: the connection is now a WebSocket"),
+        (status = 400, description = "A room or name that breaks the rule, or a request \
+            that is not a WebSocket upgrade (`not_websocket`)", body = ErrorBody),
+        (status = 422, description = "A query string that does not parse", body = ErrorBody),
+        (status = 426, description = "The connection cannot be upgraded (`not_websocket`)", body = ErrorBody),
+        (status = 503, description = "The instance is shutting down; connect again", body = ErrorBody),
+    )
+)]
 async fn join(
     State(app): State<App>,
     Query(params): Query<JoinParams>,
@@ -114,12 +167,20 @@ async fn join(
         .into_response())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Rooms {
+    /// Every room someone is in, by name.
     rooms: Vec<store::RoomInfo>,
 }
 
-/// `GET /rooms`: every room and its member count, across all instances.
+/// Every room someone is in, with its member count, across all instances.
+#[utoipa::path(
+    get, path = "/rooms",
+    responses(
+        (status = 200, body = Rooms),
+        (status = 503, description = "Redis is down", body = ErrorBody),
+    )
+)]
 async fn rooms(State(app): State<App>) -> Result<Json<Rooms>, Error> {
     let rooms = app
         .store
@@ -129,18 +190,38 @@ async fn rooms(State(app): State<App>) -> Result<Json<Rooms>, Error> {
     Ok(Json(Rooms { rooms }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct HistoryParams {
+    /// How many of the newest messages (default 50).
+    #[param(value_type = u32, required = false, minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct History {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,32}$", min_length = 1, max_length = 32)]
     room: String,
+    /// Oldest first.
+    #[schema(max_items = 1000)]
     messages: Vec<protocol::Message>,
 }
 
-/// `GET /rooms/{room}/messages?limit=`: the newest messages, oldest first.
+/// A room's newest messages, oldest first, from its history in Redis.
+#[utoipa::path(
+    get, path = "/rooms/{room}/messages",
+    params(
+        ("room" = String, Path, description = "A room name",
+            pattern = "^[A-Za-z0-9_-]{1,32}$", min_length = 1, max_length = 32),
+        HistoryParams
+    ),
+    responses(
+        (status = 200, body = History),
+        (status = 400, description = "A room name that breaks the rule", body = ErrorBody),
+        (status = 422, description = "A `limit` outside 1–1000", body = ErrorBody),
+        (status = 503, description = "Redis is down", body = ErrorBody),
+    )
+)]
 async fn history(
     State(app): State<App>,
     Path(room): Path<String>,
@@ -192,8 +273,34 @@ mod page {
 #[cfg(test)]
 mod tests {
     use axum::http::StatusCode;
+    use utoipa::OpenApi;
 
     use super::*;
+
+    #[test]
+    fn the_document_states_the_limits_the_code_enforces() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let param = |path: &str, i: usize| doc["paths"][path]["get"]["parameters"][i].clone();
+        for i in 0..2 {
+            let name = param("/ws", i);
+            assert_eq!(
+                (&name["in"], &name["required"]),
+                (&"query".into(), &true.into())
+            );
+            assert_eq!(name["schema"]["pattern"], "^[A-Za-z0-9_-]{1,32}$");
+        }
+        let room = param("/rooms/{room}/messages", 0);
+        assert_eq!(room["schema"]["pattern"], "^[A-Za-z0-9_-]{1,32}$");
+        let limit = param("/rooms/{room}/messages", 1);
+        assert_eq!(
+            (&limit["in"], &limit["required"]),
+            (&"query".into(), &false.into())
+        );
+        let range = (&limit["schema"]["minimum"], &limit["schema"]["maximum"]);
+        assert_eq!(range, (&1.into(), &1000.into()));
+        let text = &doc["components"]["schemas"]["Message"]["properties"]["text"];
+        assert_eq!(text["maxLength"], protocol::MAX_TEXT_CHARS);
+    }
 
     #[test]
     fn each_error_keeps_its_status_and_code() {

@@ -7,16 +7,25 @@
 //! many instances and thousands of rooms, an instance would `SUBSCRIBE` to
 //! a room when its first member there arrives.)
 //!
-//! Pub/sub delivers at most once, to whoever is subscribed at that moment;
-//! history in the room's stream is what a (re)joining client catches up
-//! from.
+//! Pub/sub delivers at most once, to whoever is subscribed at that moment:
+//! what is published while an instance's subscription is down never
+//! reaches it. History in the room's stream is what makes up for it. A
+//! (re)joining client catches up from its welcome; an instance that
+//! subscribes again catches up each of its rooms before it counts as
+//! subscribed: it reads the room's stream after the last message it
+//! delivered there and delivers the rest. It subscribes first and reads
+//! second, so nothing falls between the two; a message that comes both
+//! ways is delivered once, because the [`Hub`](crate::hub::Hub) drops ids
+//! a room already had. (A member who joined while Redis was down has no
+//! place in the stream to catch up from; nor are `joined`/`left` events
+//! replayed: the next one carries the whole member list.)
 //!
 //! When Redis is down the instance keeps serving the members it holds:
 //! messages go straight to this instance's hub, with `local-…` ids and no
 //! history, and every connection is told so with an `error` frame. When
 //! Redis is back, a `notice` says so and presence is written again.
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{ops::ControlFlow, sync::atomic::Ordering, time::Duration};
 
 use futures::StreamExt;
 use lab_core::backoff::Backoff;
@@ -25,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     App,
     hub::Outbound,
-    protocol::{BusEvent, FrameError, ServerEvent, message},
+    protocol::{BusEvent, FrameError, MessageId, ServerEvent, message},
     store::Snapshot,
 };
 
@@ -42,7 +51,12 @@ impl App {
     ) -> (Snapshot, Option<FrameError>) {
         if self.redis_up() {
             match self.store.join(room, name, conn).await {
-                Ok(snapshot) => return (snapshot, None),
+                Ok(snapshot) => {
+                    let newest = snapshot.history.last().map(|m| m.id.as_str());
+                    let end = newest.and_then(MessageId::parse);
+                    self.hub.joined_at(room, end.unwrap_or(MessageId::ZERO));
+                    return (snapshot, None);
+                }
                 Err(err) => self.redis_failed("join", &err),
             }
         }
@@ -188,7 +202,57 @@ impl App {
             joined,
             keep_for_late_joiners: false,
         };
-        self.deliver(event.room(), &out);
+        let stream_id = match &event {
+            BusEvent::Message { id, .. } => MessageId::parse(id),
+            _ => None,
+        };
+        match stream_id {
+            Some(id) => {
+                let delivery = self.hub.deliver_message(event.room(), id, &out);
+                self.stats.delivered(delivery);
+            }
+            None => self.deliver(event.room(), &out),
+        }
+    }
+
+    /// Delivers to each room here what it missed while the subscription
+    /// was down: its stream after the last message it had.
+    ///
+    /// At most half a queue's worth per room, the newest, after a notice
+    /// saying more were missed: a catch-up longer than a connection's
+    /// queue would cut every member of the room off as too slow.
+    async fn catch_up(&self) -> redis::RedisResult<()> {
+        let limit = (self.settings.outbound_queue / 2).max(1);
+        for (room, after) in self.hub.positions() {
+            let mut missed = self.store.history_after(&room, after, limit + 1).await?;
+            if missed.is_empty() {
+                continue;
+            }
+            tracing::info!(room, messages = missed.len(), "chat bus: catching up");
+            if missed.len() > limit {
+                missed.remove(0);
+                let message = format!(
+                    "more messages were said here while this instance ({}) could not hear \
+                     Redis than it replays; the newest {limit} follow, GET /rooms/{room}/messages \
+                     has the others",
+                    self.settings.instance
+                );
+                let notice = ServerEvent::Notice {
+                    code: "messages_missed",
+                    message: &message,
+                };
+                self.deliver(&room, &Outbound::notice(notice.frame()));
+            }
+            for message in &missed {
+                let Some(id) = MessageId::parse(&message.id) else {
+                    continue;
+                };
+                let out = Outbound::event(ServerEvent::Message(message).frame());
+                let delivery = self.hub.deliver_message(&room, id, &out);
+                self.stats.delivered(delivery);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -197,55 +261,16 @@ impl App {
 pub async fn subscribe(app: App, stop: CancellationToken) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(Duration::from_millis(100), BACKOFF_MAX);
     loop {
-        let connect = async {
-            let mut pubsub =
-                tokio::time::timeout(Duration::from_secs(2), app.redis_client.get_async_pubsub())
-                    .await
-                    .map_err(|_| {
-                        redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-                    })??;
-            pubsub.psubscribe(app.store.pattern()).await?;
-            redis::RedisResult::Ok(pubsub)
-        };
         let connected = tokio::select! {
-            connected = connect => connected,
+            connected = connect(&app) => connected,
             () = stop.cancelled() => return Ok(()),
         };
         match connected {
             Ok(pubsub) => {
                 backoff.reset();
                 app.set_redis_up(true);
-                let (mut sink, mut messages) = pubsub.split();
-                // A subscriber only listens, so a connection that died
-                // without a word (a dropped NAT entry, a pulled cable) looks
-                // like a quiet one: the instance would go deaf to every other
-                // instance until TCP gave up, hours later. A PING that has no
-                // answer by the next one ends the subscription; a new one
-                // replaces it.
-                let mut ping =
-                    tokio::time::interval(Duration::from_millis(app.settings.ping_interval_ms));
-                ping.reset(); // the first tick waits a whole interval
-                loop {
-                    tokio::select! {
-                        msg = messages.next() => match msg {
-                            Some(msg) => app.on_bus_message(&msg),
-                            None => break,
-                        },
-                        _ = ping.tick() => {
-                            let answered = tokio::select! {
-                                answered = tokio::time::timeout(ping.period(), sink.ping::<()>()) => answered,
-                                () = stop.cancelled() => return Ok(()),
-                            };
-                            if !matches!(answered, Ok(Ok(()))) {
-                                tracing::warn!("chat bus: Redis did not answer a PING on the subscription; subscribing again");
-                                // The commands' connection most likely went
-                                // the same way: do not wait for its timeouts.
-                                app.store.redis().reconnect();
-                                break;
-                            }
-                        }
-                        () = stop.cancelled() => return Ok(()),
-                    }
+                if listen(&app, pubsub, &stop).await.is_break() {
+                    return Ok(());
                 }
                 app.set_redis_up(false);
             }
@@ -262,6 +287,59 @@ pub async fn subscribe(app: App, stop: CancellationToken) -> anyhow::Result<()> 
         tokio::select! {
             () = tokio::time::sleep(backoff.next_delay()) => {}
             () = stop.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Subscribes, then catches every room up: what is published meanwhile
+/// waits in the subscription, behind what the catch-up delivers.
+async fn connect(app: &App) -> redis::RedisResult<redis::aio::PubSub> {
+    let mut pubsub =
+        tokio::time::timeout(Duration::from_secs(2), app.redis_client.get_async_pubsub())
+            .await
+            .map_err(|_| {
+                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            })??;
+    pubsub.psubscribe(app.store.pattern()).await?;
+    app.catch_up().await?;
+    Ok(pubsub)
+}
+
+/// Hands what the subscription delivers to the hub until it breaks
+/// (`Continue`: subscribe again) or the bus stops (`Break`).
+async fn listen(
+    app: &App,
+    pubsub: redis::aio::PubSub,
+    stop: &CancellationToken,
+) -> ControlFlow<()> {
+    let (mut sink, mut messages) = pubsub.split();
+    // A subscriber only listens, so a connection that died without a word
+    // (a dropped NAT entry, a pulled cable) looks like a quiet one: the
+    // instance would go deaf to every other instance until TCP gave up,
+    // hours later. A PING that has no answer by the next one ends the
+    // subscription; a new one replaces it.
+    let mut ping = tokio::time::interval(Duration::from_millis(app.settings.ping_interval_ms));
+    ping.reset(); // the first tick waits a whole interval
+    loop {
+        tokio::select! {
+            msg = messages.next() => match msg {
+                Some(msg) => app.on_bus_message(&msg),
+                None => return ControlFlow::Continue(()),
+            },
+            _ = ping.tick() => {
+                let answered = tokio::select! {
+                    answered = tokio::time::timeout(ping.period(), sink.ping::<()>()) => answered,
+                    () = stop.cancelled() => return ControlFlow::Break(()),
+                };
+                if !matches!(answered, Ok(Ok(()))) {
+                    tracing::warn!("chat bus: Redis did not answer a PING on the subscription; subscribing again");
+                    // The commands' connection most likely went the same
+                    // way: do not wait for its timeouts.
+                    app.store.redis().reconnect();
+                    return ControlFlow::Continue(());
+                }
+            }
+            () = stop.cancelled() => return ControlFlow::Break(()),
         }
     }
 }

@@ -11,6 +11,11 @@
 //! The hub knows nothing of sockets: a member is its queue and its
 //! [`Stop`]. [`connection`](crate::connection) uses the hub, never the
 //! other way round.
+//!
+//! It also remembers, per room, the newest message delivered there, so
+//! that after the subscription was down the [`bus`](crate::bus) can catch
+//! the room up from its history, and a message that then also arrives live
+//! is delivered once.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -20,6 +25,8 @@ use std::{
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::protocol::MessageId;
 
 /// One frame on its way to the connections of a room. Cloning is cheap:
 /// the frame is serialised once and its bytes shared.
@@ -104,9 +111,23 @@ pub struct Delivery {
     pub kicked: u64,
 }
 
+/// A room's members on this instance, and where the room stands in its
+/// history stream.
+#[derive(Default)]
+struct Room {
+    members: HashMap<Arc<str>, Member>,
+    /// The newest message from the stream delivered here.
+    delivered: Option<MessageId>,
+    /// The newest message in the history when the room's first member
+    /// joined through Redis: where it stands while nothing was delivered.
+    /// (Neither is known for a room whose members joined while Redis was
+    /// down: they never had a place in the stream, and no catch-up.)
+    joined_at: Option<MessageId>,
+}
+
 #[derive(Default)]
 pub struct Hub {
-    rooms: Mutex<HashMap<String, HashMap<Arc<str>, Member>>>,
+    rooms: Mutex<HashMap<String, Room>>,
 }
 
 impl Hub {
@@ -122,6 +143,7 @@ impl Hub {
         self.lock()
             .entry(room.to_owned())
             .or_default()
+            .members
             .insert(conn, member);
     }
 
@@ -129,7 +151,7 @@ impl Hub {
     /// hub already dropped it as too slow).
     pub fn remove(&self, room: &str, conn: &str) -> bool {
         let mut rooms = self.lock();
-        let Some(members) = rooms.get_mut(room) else {
+        let Some(members) = rooms.get_mut(room).map(|r| &mut r.members) else {
             return false;
         };
         let removed = members.remove(conn).is_some();
@@ -141,27 +163,62 @@ impl Hub {
 
     /// Queues `out` for every connection in `room` on this instance.
     pub fn deliver(&self, room: &str, out: &Outbound) -> Delivery {
+        self.in_room(room, |r| offer(&mut r.members, out))
+    }
+
+    /// Queues message `id` of the room's stream, unless the room has had it
+    /// already: a catch-up and the live subscription overlap.
+    pub fn deliver_message(&self, room: &str, id: MessageId, out: &Outbound) -> Delivery {
+        self.in_room(room, |r| {
+            if r.delivered.is_some_and(|last| id <= last) {
+                return Delivery::default();
+            }
+            r.delivered = Some(id);
+            offer(&mut r.members, out)
+        })
+    }
+
+    /// Records where the history ended when a member joined through Redis;
+    /// only the room's first such member counts.
+    pub fn joined_at(&self, room: &str, id: MessageId) {
+        self.in_room(room, |r| {
+            r.joined_at.get_or_insert(id);
+        });
+    }
+
+    /// Every room with a place in its stream, and that place: where a
+    /// catch-up starts.
+    pub fn positions(&self) -> Vec<(String, MessageId)> {
+        self.lock()
+            .iter()
+            .filter_map(|(room, r)| Some((room.clone(), r.delivered.or(r.joined_at)?)))
+            .collect()
+    }
+
+    /// Runs `f` on `room` if it has members here, and forgets the room if
+    /// it has none after.
+    fn in_room<R: Default>(&self, room: &str, f: impl FnOnce(&mut Room) -> R) -> R {
         let mut rooms = self.lock();
-        let Some(members) = rooms.get_mut(room) else {
-            return Delivery::default();
+        let Some(r) = rooms.get_mut(room) else {
+            return R::default();
         };
-        let delivery = offer(members, out);
-        if members.is_empty() {
+        let result = f(r);
+        if r.members.is_empty() {
             rooms.remove(room);
         }
-        delivery
+        result
     }
 
     /// Queues `out` for every connection on this instance, in every room.
     pub fn broadcast(&self, out: &Outbound) -> Delivery {
         let mut rooms = self.lock();
         let mut total = Delivery::default();
-        for members in rooms.values_mut() {
-            let d = offer(members, out);
+        for room in rooms.values_mut() {
+            let d = offer(&mut room.members, out);
             total.queued += d.queued;
             total.kicked += d.kicked;
         }
-        rooms.retain(|_, members| !members.is_empty());
+        rooms.retain(|_, room| !room.members.is_empty());
         total
     }
 
@@ -170,7 +227,7 @@ impl Hub {
         let rooms = self.lock();
         let names: BTreeSet<String> = rooms
             .get(room)
-            .map(|m| m.values().map(|m| m.name.to_string()).collect())
+            .map(|r| r.members.values().map(|m| m.name.to_string()).collect())
             .unwrap_or_default();
         names.into_iter().collect()
     }
@@ -180,8 +237,9 @@ impl Hub {
     pub fn presence(&self) -> Vec<(String, Vec<(String, String)>)> {
         self.lock()
             .iter()
-            .map(|(room, members)| {
-                let entries = members
+            .map(|(room, r)| {
+                let entries = r
+                    .members
                     .iter()
                     .map(|(conn, m)| (m.name.to_string(), conn.to_string()))
                     .collect();
@@ -190,7 +248,7 @@ impl Hub {
             .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<Arc<str>, Member>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Room>> {
         self.rooms.lock().expect("hub lock poisoned")
     }
 }
@@ -258,5 +316,35 @@ mod tests {
             got += 1;
         }
         assert_eq!(got, 5);
+    }
+
+    #[test]
+    fn a_message_is_delivered_once_and_the_room_remembers_where_it_stands() {
+        let hub = Hub::default();
+        let (tx, mut rx) = mpsc::channel(100);
+        hub.add("r", "c".into(), "n".into(), tx, Arc::default());
+        let id = |s: &str| MessageId::parse(s).unwrap();
+        assert!(hub.positions().is_empty(), "joined while Redis was down");
+        hub.joined_at("r", id("5-0"));
+        hub.joined_at("r", id("7-0"));
+        assert_eq!(hub.positions(), [("r".to_owned(), id("5-0"))]);
+
+        let out = Outbound::event("x".into());
+        let queued = |d: Delivery| d.queued;
+        assert_eq!(queued(hub.deliver_message("r", id("6-0"), &out)), 1);
+        assert_eq!(queued(hub.deliver_message("r", id("6-1"), &out)), 1);
+        // A catch-up overlapping the live subscription.
+        assert_eq!(queued(hub.deliver_message("r", id("6-0"), &out)), 0);
+        assert_eq!(queued(hub.deliver_message("r", id("6-1"), &out)), 0);
+        assert_eq!(queued(hub.deliver_message("r", id("10-0"), &out)), 1);
+        assert_eq!(hub.positions(), [("r".to_owned(), id("10-0"))]);
+        let mut got = 0;
+        while rx.try_recv().is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 3);
+
+        hub.remove("r", "c");
+        assert!(hub.positions().is_empty(), "forgotten with its last member");
     }
 }

@@ -11,7 +11,8 @@
 //!   that never waits for a slow client.
 //! - [`bus`]: events travel through Redis pub/sub, so members on two
 //!   instances share a room; when Redis is down the instance keeps serving
-//!   its own members.
+//!   its own members, and when it is back catches its rooms up from their
+//!   history.
 //! - [`store`]: history (a capped Redis Stream per room), presence (a
 //!   sorted set per room), and the Lua scripts that change them atomically.
 //! - [`protocol`]: the JSON frames.

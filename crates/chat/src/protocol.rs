@@ -82,15 +82,22 @@ pub fn parse_say(frame: &str) -> Result<String, FrameError> {
 }
 
 /// A chat message as clients see it, live and in history alike.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Message {
     /// The Redis Stream id of the history entry (`<ms>-<seq>`): ordered
-    /// within a room and the same on every instance.
+    /// within a room and the same on every instance. (Live messages said
+    /// while Redis was down have `local-…` ids and are never in history.)
+    #[schema(example = "1763900000123-0")]
     pub id: String,
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,32}$", min_length = 1, max_length = 32)]
     pub room: String,
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,32}$", min_length = 1, max_length = 32)]
     pub name: String,
+    /// 1–2000 characters, not all blank.
+    #[schema(min_length = 1, max_length = 2000)]
     pub text: String,
     /// When Redis stored it (RFC 3339, UTC), read from the id.
+    #[schema(format = DateTime, example = "2025-11-23T12:13:20.123Z")]
     pub ts: String,
 }
 
@@ -223,6 +230,34 @@ fn list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Er
     })
 }
 
+/// A message id as Redis Streams make it, `<ms>-<seq>`: ordered within a
+/// room, so an instance can tell which messages a room has had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MessageId {
+    ms: u64,
+    seq: u64,
+}
+
+impl MessageId {
+    /// Before every message: where a room whose history was empty stands.
+    pub const ZERO: Self = Self { ms: 0, seq: 0 };
+
+    /// `None` for a `local-…` id (a message that never reached Redis).
+    pub fn parse(id: &str) -> Option<Self> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(Self {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
 /// A message from its stream id and fields; the timestamp comes from the id.
 pub fn message(id: &str, room: &str, name: &str, text: &str) -> Message {
     Message {
@@ -270,6 +305,18 @@ mod tests {
         assert_eq!(code(&long), "text_too_long");
         let max = format!(r#"{{"type":"say","text":"{}"}}"#, "é".repeat(2000));
         assert_eq!(parse_say(&max).unwrap().chars().count(), 2000);
+    }
+
+    #[test]
+    fn message_ids_order_as_the_stream_does() {
+        let id = |s: &str| MessageId::parse(s);
+        assert!(id("1763900000123-4") < id("1763900000123-10"));
+        assert!(id("999-9") < id("1000-0"));
+        assert!(MessageId::ZERO < id("0-1").unwrap());
+        assert_eq!(id("17-3").unwrap().to_string(), "17-3");
+        for bad in ["local-0190a1b2", "17", "-3", "17-", "a-b"] {
+            assert_eq!(id(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //!
 //! A room exists while someone is in it: when its last member leaves (or
 //! is swept), it leaves `rooms` and its history expires a day later unless
-//! someone joins again.
+//! someone joins again. Members swept while their instance could not reach
+//! Redis come back with its next refresh, and bring the room back too:
+//! listed (so its ghosts are swept if that instance dies) and its history
+//! kept.
 //!
 //! Key layout (prefix `lab:chat:` by default, configurable for tests):
 //! `<prefix>rooms` (set), `<prefix>room:<room>:members` (zset),
@@ -28,7 +31,7 @@ use redis::{
     streams::{StreamId, StreamRangeReply},
 };
 
-use crate::protocol::{HISTORY_ON_JOIN, Message, message};
+use crate::protocol::{HISTORY_ON_JOIN, Message, MessageId, message};
 
 macro_rules! script {
     ($file:literal) => {
@@ -58,8 +61,9 @@ pub struct Snapshot {
     pub history: Vec<Message>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct RoomInfo {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,32}$", min_length = 1, max_length = 32)]
     pub room: String,
     /// Distinct names present, on every instance together.
     pub members: u64,
@@ -167,13 +171,14 @@ impl Store {
     }
 
     /// Keeps this instance's connections in a room present, putting back
-    /// any entry that expired meanwhile.
+    /// any entry that expired meanwhile, and the room into the list.
     pub async fn refresh(
         &self,
         room: &str,
         entries: &[(String, String)],
     ) -> redis::RedisResult<()> {
         let mut call = REFRESH.key(self.members_key(room));
+        call.key(self.history_key(room)).key(self.rooms_key());
         call.arg(self.channel(room))
             .arg(room)
             .arg(self.presence_ttl_ms);
@@ -230,6 +235,25 @@ impl Store {
             .arg("-")
             .arg("COUNT")
             .arg(limit)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        Ok(oldest_first(room, newest_first.ids))
+    }
+
+    /// The newest `count` messages of a room after `after`, oldest first:
+    /// what a room missed while this instance was not subscribed.
+    pub async fn history_after(
+        &self,
+        room: &str,
+        after: MessageId,
+        count: usize,
+    ) -> redis::RedisResult<Vec<Message>> {
+        let newest_first: StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(self.history_key(room))
+            .arg("+")
+            .arg(format!("({after}")) // exclusive (Redis 6.2)
+            .arg("COUNT")
+            .arg(count)
             .query_async(&mut self.redis.clone())
             .await?;
         Ok(oldest_first(room, newest_first.ids))
