@@ -58,7 +58,7 @@ impl Running<Telemetry> {
         telemetry::Topics::new(&self.settings.topic_prefix)
     }
 
-    /// A counter from `/metrics` (0 when absent).
+    /// A counter or gauge from `/metrics` (0 when absent).
     pub async fn metric(&self, name: &str) -> u64 {
         let text = reqwest::get(self.url("/metrics"))
             .await
@@ -70,4 +70,18 @@ impl Running<Telemetry> {
             .find_map(|line| line.strip_prefix(&format!("{name} ")))
             .map_or(0, |v| v.trim().parse().unwrap())
     }
+}
+
+/// A pool that reaches `pool`'s database through a proxy the test can cut,
+/// for the ingest; the test keeps `pool` itself, direct.
+pub async fn pool_through_proxy(pool: &PgPool) -> (lab_core::proxy::Proxy, PgPool) {
+    let options = pool.connect_options();
+    let proxy =
+        lab_core::proxy::Proxy::start(&format!("{}:{}", options.get_host(), options.get_port()))
+            .await
+            .unwrap();
+    let through_proxy = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy_with((*options).clone().host("127.0.0.1").port(proxy.addr.port()));
+    (proxy, through_proxy)
 }

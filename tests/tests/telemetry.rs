@@ -15,7 +15,10 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use telemetry::device::{Counters, Device, Spec};
 use tokio_util::sync::CancellationToken;
-use workshop::{MqttClient, PrivateBroker, TelemetryApp, count, eventually, mqtt_url};
+use workshop::{
+    MqttClient, PrivateBroker, TelemetryApp, count, eventually, mqtt_url,
+    telemetry::pool_through_proxy,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -644,9 +647,116 @@ async fn readyz_names_mosquitto_when_the_broker_is_unreachable(pool: PgPool) {
     app.stop().await.unwrap();
 }
 
+/// Devices that reported two hours ago and went offline: the dashboard
+/// lists them, but its chart is for what is happening now.
+async fn seed_gone_devices(pool: &PgPool, ids: &[String]) {
+    for id in ids {
+        sqlx::query(
+            "INSERT INTO readings (device_id, seq, ts, temperature_c, humidity_pct, battery_pct) \
+             SELECT $1, s, now() - interval '2 hours' + s * interval '1 second', 18, 40, 90 \
+             FROM generate_series(1, 30) AS s",
+        )
+        .bind(id)
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO devices (id, online, status_at, last_seen, last_seq, last_ts, \
+                                  last_temperature_c, last_humidity_pct, last_battery_pct) \
+             VALUES ($1, false, now() - interval '2 hours', now() - interval '2 hours', 30, \
+                     now() - interval '2 hours' + interval '30 seconds', 18, 40, 90)",
+        )
+        .bind(id)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+}
+
+/// True when nothing on the page is wider than the window (no sideways
+/// scrolling).
+const NO_SIDEWAYS_SCROLL: &str =
+    "document.scrollingElement.scrollWidth <= document.scrollingElement.clientWidth";
+
+/// True when the device table's box overlaps neither the chart nor its legend.
+const TABLE_CLEAR_OF_CHART: &str = "(() => {
+    const table = document.getElementById('devices').closest('table').getBoundingClientRect();
+    const apart = (b) => table.right <= b.left || b.right <= table.left
+        || table.bottom <= b.top || b.bottom <= table.top;
+    return ['chart', 'legend'].every((id) => apart(document.getElementById(id).getBoundingClientRect()));
+})()";
+
+/// For each device id in `IDS`, the share of the chart's width its line
+/// covers, read from the pixels drawn in its legend colour.
+const SERIES_SPANS: &str = "(() => {
+    const canvas = document.getElementById('chart');
+    const { data, width, height } = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height);
+    const spans = {};
+    for (const id of IDS) {
+        const entry = [...document.querySelectorAll('#legend span')].find((s) => s.textContent.includes(id));
+        if (!entry) { spans[id] = 0; continue; }
+        const [r, g, b] = getComputedStyle(entry).color.match(/\\d+/g).map(Number);
+        let left = width, right = -1;
+        for (let x = 0; x < width; x++) {
+            for (let y = 0; y < height; y++) {
+                const i = (y * width + x) * 4;
+                if (data[i + 3] > 200 && Math.abs(data[i] - r) + Math.abs(data[i + 1] - g) + Math.abs(data[i + 2] - b) < 40) {
+                    left = Math.min(left, x); right = x; break;
+                }
+            }
+        }
+        spans[id] = right < left ? 0 : (right - left) / width;
+    }
+    return spans;
+})()";
+
+/// Checks what a person sees at 1280×900: no sideways scrolling, the table
+/// clear of the chart, and every live device's line across most of the
+/// chart (not squashed against one edge by old readings).
+async fn a_person_sees_a_clean_dashboard(page: &workshop::Browser, live: &[String]) {
+    assert_eq!(
+        page.eval(NO_SIDEWAYS_SCROLL).await,
+        true,
+        "the page scrolls sideways: {} > {}",
+        page.eval("document.scrollingElement.scrollWidth").await,
+        page.eval("document.scrollingElement.clientWidth").await
+    );
+    assert_eq!(
+        page.eval(TABLE_CLEAR_OF_CHART).await,
+        true,
+        "the device table overlaps the chart"
+    );
+    let spans = SERIES_SPANS.replace("IDS", &serde_json::to_string(live).unwrap());
+    let wide = format!("Object.values({spans}).every((share) => share >= 0.75)");
+    if tokio::time::timeout(WAIT, async {
+        while page.eval(&wide).await != true {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .is_err()
+    {
+        panic!(
+            "live lines do not span the chart: {}",
+            page.eval(&spans).await
+        );
+    }
+}
+
+/// Saves what the page looks like to target/screenshots/`name`.png.
+async fn screenshot(page: &workshop::Browser, name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.png"));
+    std::fs::write(&path, page.client.screenshot().await.unwrap()).unwrap();
+    path
+}
+
 #[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
 async fn the_dashboard_shows_devices_and_a_chart_that_updates_without_reload(pool: PgPool) {
     let app = TelemetryApp::start(pool.clone(), TelemetryApp::settings(), &mqtt_url()).await;
+    let gone: Vec<String> = (0..2).map(|i| device_id(&format!("gone{i}"))).collect();
+    seed_gone_devices(&pool, &gone).await;
     let broker = telemetry::Broker::parse(&mqtt_url()).unwrap();
     let stop = CancellationToken::new();
     let ids: Vec<String> = (0..3).map(|i| device_id(&format!("dash{i}"))).collect();
@@ -663,17 +773,19 @@ async fn the_dashboard_shows_devices_and_a_chart_that_updates_without_reload(poo
 
     let driver = workshop::ChromeDriver::start().await;
     let page = driver.browser().await;
+    page.client.set_window_size(1280, 900).await.unwrap();
     page.goto(&app.url("/")).await;
     page.wait_until(
-        "document.querySelectorAll('#devices tr[data-device]').length === 3",
+        "document.querySelectorAll('#devices tr[data-device]').length === 5",
         WAIT,
     )
     .await;
-    page.wait_until(
-        "[...document.querySelectorAll('#devices tr')].every(tr => tr.querySelector('.online'))",
-        WAIT,
-    )
-    .await;
+    let online = |id: &String| {
+        format!("document.querySelector('#devices tr[data-device=\"{id}\"] .online') !== null")
+    };
+    for id in &ids {
+        page.wait_until(&online(id), WAIT).await;
+    }
     let points = "Number(document.getElementById('chart').dataset.points || 0)";
     page.wait_until(&format!("{points} >= 3"), WAIT).await;
     let before = page.eval(points).await.as_u64().unwrap();
@@ -691,9 +803,17 @@ async fn the_dashboard_shows_devices_and_a_chart_that_updates_without_reload(poo
         .eval("document.getElementById('status').textContent")
         .await;
     assert!(
-        status.as_str().unwrap().contains("3 device(s), 3 online"),
+        status.as_str().unwrap().contains("5 device(s), 3 online"),
         "{status}"
     );
+    page.wait_until(
+        "document.getElementById('ingest').textContent.includes('shed 0')",
+        WAIT,
+    )
+    .await;
+    a_person_sees_a_clean_dashboard(&page, &ids).await;
+    let shot = screenshot(&page, "telemetry-dashboard").await;
+    println!("screenshot: {}", shot.display());
 
     // A device that vanishes turns offline on the page.
     let mut fleet = fleet;
@@ -715,21 +835,7 @@ async fn the_dashboard_shows_devices_and_a_chart_that_updates_without_reload(poo
 async fn readings_are_acknowledged_only_once_committed(pool: PgPool) {
     // The ingest reaches Postgres through a proxy the test cuts; the test
     // itself keeps a direct pool.
-    let proxy = Proxy::start(&format!(
-        "{}:{}",
-        pool.connect_options().get_host(),
-        pool.connect_options().get_port()
-    ))
-    .await
-    .unwrap();
-    let through_proxy = sqlx::postgres::PgPoolOptions::new()
-        .acquire_timeout(Duration::from_secs(2))
-        .connect_lazy_with(
-            (*pool.connect_options())
-                .clone()
-                .host("127.0.0.1")
-                .port(proxy.addr.port()),
-        );
+    let (proxy, through_proxy) = pool_through_proxy(&pool).await;
     let settings = TelemetryApp::settings();
     let app = TelemetryApp::start(through_proxy, settings.clone(), &mqtt_url()).await;
     let id = device_id("commit");
@@ -759,5 +865,442 @@ async fn readings_are_acknowledged_only_once_committed(pool: PgPool) {
     readings_reach(&pool, 50).await;
     assert_eq!(count(&pool, "SELECT count(*) FROM readings").await, 50);
     client.disconnect().await;
+    app.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn at_qos_0_the_inbox_is_bounded_and_what_it_sheds_is_counted(pool: PgPool) {
+    // QoS 0 and Postgres down: the broker bounds nothing (it forgets a QoS 0
+    // message once sent), so the ingest must.
+    let (proxy, through_proxy) = pool_through_proxy(&pool).await;
+    let settings = telemetry::Settings {
+        qos: 0,
+        batch_size: 10,
+        qos0_inbox: 50,
+        ..TelemetryApp::settings()
+    };
+    let app = TelemetryApp::start(through_proxy, settings, &mqtt_url()).await;
+    let id = device_id("qos0");
+    let client = MqttClient::connect(&mqtt_url(), &id).await;
+    let topic = app.topics().telemetry(&id);
+    proxy.cut();
+    let sent = 300u64;
+    for seq in 1..=sent {
+        client
+            .publish(&topic, reading(&id, seq as i64, 20.0), QoS::AtMostOnce)
+            .await;
+    }
+    // Each one is in the batch in hand (received), waiting, or shed.
+    let (waiting, shed) = eventually("every reading accounted for", WAIT, || async {
+        let received = app
+            .metric("telemetry_messages_received_total{kind=\"telemetry\"}")
+            .await;
+        let waiting = app.metric("telemetry_inbox").await;
+        let shed = app.metric("telemetry_shed_total").await;
+        (received + waiting + shed == sent).then_some((waiting, shed))
+    })
+    .await;
+    assert!(
+        waiting <= 50,
+        "the inbox holds {waiting}, over its bound of 50"
+    );
+    assert!(shed >= sent - 50 - 10, "{shed} shed");
+    let ingest = app.get_json("/ingest").await;
+    assert_eq!(ingest["shed"], shed, "{ingest}");
+    assert_eq!(ingest["qos"], 0, "{ingest}");
+
+    // Postgres back: what was kept is stored, and only that.
+    proxy.restore();
+    let kept = (sent - shed) as i64;
+    eventually("the kept readings stored", WAIT, || async {
+        (count(&pool, "SELECT count(*) FROM readings").await == kept).then_some(())
+    })
+    .await;
+    assert_eq!(app.metric("telemetry_inbox").await, 0);
+    client.disconnect().await;
+    app.stop().await.unwrap();
+}
+
+/// Holds `(device, seq)` in an uncommitted transaction: a batch holding
+/// the same reading waits for it, and so cannot commit.
+async fn hold_reading(
+    pool: &PgPool,
+    device: &str,
+    seq: i64,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO readings (device_id, seq, ts, temperature_c, humidity_pct, battery_pct) \
+         VALUES ($1, $2, now(), 20, 40, 90)",
+    )
+    .bind(device)
+    .bind(seq)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx
+}
+
+/// Publishes readings `seqs` as `device` (its own MQTT connection).
+async fn publish_readings(
+    url: &str,
+    topics: &telemetry::Topics,
+    device: &str,
+    seqs: std::ops::RangeInclusive<i64>,
+) -> MqttClient {
+    let client = MqttClient::connect(url, device).await;
+    for seq in seqs {
+        client
+            .publish(
+                &topics.telemetry(device),
+                reading(device, seq, 20.0),
+                QoS::AtLeastOnce,
+            )
+            .await;
+    }
+    client
+}
+
+async fn telemetry_received(app: &TelemetryApp) -> u64 {
+    app.metric("telemetry_messages_received_total{kind=\"telemetry\"}")
+        .await
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn an_ack_is_never_sent_on_a_later_connection_so_a_broker_restart_mid_batch_loses_nothing(
+    pool: PgPool,
+) {
+    // Packet ids name a message only on the connection it came on: after a
+    // broker restart without state, the new session numbers its messages
+    // from 1 again, and an ack left over from the old connection would
+    // acknowledge one of them, stored or not.
+    const A: i64 = 20;
+    const B: i64 = 40;
+    let id = "stale";
+    let mut broker = PrivateBroker::start().await;
+    let (proxy, through_proxy) = pool_through_proxy(&pool).await;
+    let mut settings = TelemetryApp::settings();
+    settings.topic_prefix = String::new(); // the ACL knows devices/…
+    let app = TelemetryApp::start(through_proxy, settings.clone(), &broker.url("ingest")).await;
+    let blocker = hold_reading(&pool, id, A + 1).await; // B cannot commit
+
+    // Batch A arrives on connection 1 and cannot commit: Postgres is cut.
+    proxy.cut();
+    let device = publish_readings(&broker.url("device"), &app.topics(), id, 1..=A).await;
+    eventually("batch A in hand", WAIT, || async {
+        (telemetry_received(&app).await == A as u64).then_some(())
+    })
+    .await;
+    device.disconnect().await;
+
+    // Connection 2: a new session, whose packet ids start over at 1.
+    broker.restart_empty().await;
+    eventually("subscribed to a new session", WAIT, || async {
+        let new = app
+            .metric("telemetry_connects_total{session=\"new\"}")
+            .await;
+        let ready = app.get_json("/readyz").await; // Postgres is still cut
+        (new == 2 && ready["checks"][1] == json!({"name": "mosquitto", "ok": true})).then_some(())
+    })
+    .await;
+    let device = publish_readings(&broker.url("device"), &app.topics(), id, A + 1..=A + B).await;
+    eventually("batch B waiting", WAIT, || async {
+        (app.metric("telemetry_inbox").await == B as u64).then_some(())
+    })
+    .await;
+
+    // Postgres back: A commits; B is taken up and waits on the test's row.
+    proxy.restore();
+    eventually("A committed, B in hand", WAIT, || async {
+        let stored = count(&pool, "SELECT count(*) FROM readings").await;
+        (stored == A && telemetry_received(&app).await == (A + B) as u64).then_some(())
+    })
+    .await;
+    let withheld = app.metric("telemetry_acks_withheld_total").await;
+    assert_eq!(withheld, A as u64, "A's acks belong to connection 1");
+    // A crash: B is neither committed nor (rightly) acknowledged.
+    app.kill();
+    proxy.cut();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    blocker.rollback().await.unwrap();
+
+    // The session resumed: the broker sends again what was not acknowledged,
+    // which must be all of B.
+    let app = TelemetryApp::start(pool.clone(), settings, &broker.url("ingest")).await;
+    readings_reach(&pool, A + B).await;
+    assert_eq!(
+        telemetry_received(&app).await,
+        B as u64,
+        "B redelivered, all of it"
+    );
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM readings ORDER BY seq")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(seqs, (1..=A + B).collect::<Vec<_>>(), "each reading once");
+    device.disconnect().await;
+    app.stop().await.unwrap();
+}
+
+/// `len` random letters and digits: an id no compression shrinks.
+fn random_name(len: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut state = uuid::Uuid::now_v7().as_u128() as u64 | 1;
+    (0..len)
+        .map(|_| {
+            // xorshift64: plenty random for a name.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ALPHABET[(state % ALPHABET.len() as u64) as usize] as char
+        })
+        .collect()
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn device_ids_in_topics_are_checked_and_a_3000_character_one_does_not_wedge_the_ingest(
+    pool: PgPool,
+) {
+    let app = TelemetryApp::start(pool.clone(), TelemetryApp::settings(), &mqtt_url()).await;
+    let topics = app.topics();
+    let good = device_id("good");
+    let client = MqttClient::connect(&mqtt_url(), &good).await;
+    // Too long for a B-tree entry (~2,700 bytes), and random, so Postgres
+    // cannot compress it under the limit: the batch would fail forever.
+    let long = random_name(3000);
+    let bad: Vec<(String, Vec<u8>)> = vec![
+        (topics.telemetry(&long), reading(&long, 1, 20.0)),
+        (topics.status("bad.id"), b"online".to_vec()),
+        (topics.telemetry("bad.id"), reading("bad.id", 1, 20.0)),
+        (topics.acks("bad id"), b"{}".to_vec()),
+    ];
+    for (topic, payload) in &bad {
+        client
+            .publish(topic, payload.clone(), QoS::AtLeastOnce)
+            .await;
+    }
+    client
+        .publish(
+            &topics.telemetry(&good),
+            reading(&good, 1, 20.0),
+            QoS::AtLeastOnce,
+        )
+        .await;
+    readings_reach(&pool, 1).await;
+    eventually("every bad id rejected", WAIT, || async {
+        let n = count(&pool, "SELECT count(*) FROM rejects").await;
+        (n == bad.len() as i64).then_some(())
+    })
+    .await;
+    let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM rejects ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    for reason in &reasons {
+        assert!(reason.starts_with("device id must be"), "{reason:?}");
+        assert!(reason.len() < 300, "the reason is short: {reason:?}");
+    }
+    let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM devices")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(ids, [good], "no device made from a bad id");
+    client.disconnect().await;
+    app.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn rejects_older_than_their_retention_are_deleted_by_the_ingest(pool: PgPool) {
+    sqlx::query(
+        "INSERT INTO rejects (topic, payload, reason, received_at) VALUES \
+         ('devices/a/telemetry', 'x', 'old', now() - interval '8 days'), \
+         ('devices/b/telemetry', 'x', 'old', now() - interval '30 days'), \
+         ('devices/c/telemetry', 'x', 'recent', now() - interval '6 days')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let settings = telemetry::Settings {
+        rejects_retention_secs: 7 * 86_400,
+        ..TelemetryApp::settings()
+    };
+    let app = TelemetryApp::start(pool.clone(), settings, &mqtt_url()).await;
+    eventually("rejects past 7 days deleted", WAIT, || async {
+        let n = count(&pool, "SELECT count(*) FROM rejects WHERE reason = 'old'").await;
+        (n == 0).then_some(())
+    })
+    .await;
+    let kept: Vec<String> = sqlx::query_scalar("SELECT reason FROM rejects")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, ["recent"]);
+    app.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_device_cannot_acknowledge_another_devices_command(pool: PgPool) {
+    let app = TelemetryApp::start(pool.clone(), TelemetryApp::settings(), &mqtt_url()).await;
+    let topics = app.topics();
+    let (owner, other) = (device_id("owner"), device_id("other"));
+    let owner_client = MqttClient::connect(&mqtt_url(), &owner).await;
+    let other_client = MqttClient::connect(&mqtt_url(), &other).await;
+    owner_client
+        .publish(
+            &topics.telemetry(&owner),
+            reading(&owner, 1, 20.0),
+            QoS::AtLeastOnce,
+        )
+        .await;
+    readings_reach(&pool, 1).await;
+    let response = reqwest::Client::new()
+        .post(app.url(&format!("/devices/{owner}/commands")))
+        .json(&json!({"setpoint_c": 22.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let command_id = response.json::<Value>().await.unwrap()["command_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ack = |device: &str| {
+        json!({"command_id": command_id, "device_id": device, "setpoint_c": 22.0})
+            .to_string()
+            .into_bytes()
+    };
+
+    // Another device acks it on its own topic, then sends a reading: once
+    // the reading is stored, the ack before it has been handled.
+    other_client
+        .publish(&topics.acks(&other), ack(&other), QoS::AtLeastOnce)
+        .await;
+    other_client
+        .publish(
+            &topics.telemetry(&other),
+            reading(&other, 1, 20.0),
+            QoS::AtLeastOnce,
+        )
+        .await;
+    readings_reach(&pool, 2).await;
+    let command = app.get_json(&format!("/commands/{command_id}")).await;
+    assert_eq!(command["status"], "pending", "{command}");
+    eventually("the foreign ack rejected", WAIT, || async {
+        let n = count(
+            &pool,
+            "SELECT count(*) FROM rejects WHERE reason LIKE '%another device%'",
+        )
+        .await;
+        (n == 1).then_some(())
+    })
+    .await;
+
+    // Its own device's ack counts.
+    owner_client
+        .publish(&topics.acks(&owner), ack(&owner), QoS::AtLeastOnce)
+        .await;
+    eventually("acknowledged by its device", WAIT, || async {
+        let command = app.get_json(&format!("/commands/{command_id}")).await;
+        (command["status"] == "acknowledged").then_some(())
+    })
+    .await;
+    owner_client.disconnect().await;
+    other_client.disconnect().await;
+    app.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn readings_since_any_date_answers_without_a_500(pool: PgPool) {
+    // Postgres's calendar starts in 4713 BC; chrono's reaches 262,144 BC.
+    let app = TelemetryApp::start(pool.clone(), TelemetryApp::settings(), &mqtt_url()).await;
+    let id = device_id("since");
+    let client = MqttClient::connect(&mqtt_url(), &id).await;
+    client
+        .publish(
+            &app.topics().telemetry(&id),
+            reading(&id, 1, 20.0),
+            QoS::AtLeastOnce,
+        )
+        .await;
+    readings_reach(&pool, 1).await;
+    for (since, want) in [
+        ("-10000-01-01T00:00:00Z", 1),
+        ("0001-01-01T00:00:00Z", 1),
+        ("%2B10000-01-01T00:00:00Z", 0),
+    ] {
+        let response = reqwest::get(app.url(&format!("/devices/{id}/readings?since={since}")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "since={since}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body.as_array().unwrap().len(),
+            want,
+            "since={since}: {body}"
+        );
+    }
+    client.disconnect().await;
+    app.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn the_openapi_document_describes_the_api_with_the_limits_it_enforces(pool: PgPool) {
+    let app = TelemetryApp::start(pool, TelemetryApp::settings(), &mqtt_url()).await;
+    let doc = app.get_json("/openapi.json").await;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{doc}");
+    let mut paths: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    paths.sort_unstable();
+    assert_eq!(
+        paths,
+        [
+            "/alerts",
+            "/commands/{id}",
+            "/devices",
+            "/devices/{id}/commands",
+            "/devices/{id}/readings",
+            "/devices/{id}/stats",
+            "/ingest"
+        ]
+    );
+    let param = |path: &str, name: &str| -> Value {
+        doc["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{path} has no {name}"))["schema"]
+            .clone()
+    };
+    let id = param("/devices/{id}/readings", "id");
+    assert_eq!(
+        (id["minLength"].as_u64(), id["maxLength"].as_u64()),
+        (Some(1), Some(64))
+    );
+    assert_eq!(id["pattern"], "^[A-Za-z0-9_-]{1,64}$");
+    let limit = param("/devices/{id}/readings", "limit");
+    assert_eq!(
+        (limit["minimum"].as_u64(), limit["maximum"].as_u64()),
+        (Some(1), Some(1000))
+    );
+    let window = param("/devices/{id}/stats", "window_secs");
+    assert_eq!(window["maximum"], 2_592_000);
+    let setpoint = &doc["components"]["schemas"]["NewCommand"]["properties"]["setpoint_c"];
+    assert_eq!(
+        (setpoint["minimum"].as_f64(), setpoint["maximum"].as_f64()),
+        (Some(5.0), Some(35.0))
+    );
+    let docs = reqwest::get(app.url("/docs/")).await.unwrap();
+    assert_eq!(docs.status(), StatusCode::OK);
     app.stop().await.unwrap();
 }

@@ -20,6 +20,8 @@ const DOCUMENTS: &[(&str, &str)] = &[
     ("caching", "CACHING_HTTP_ADDR"),
     ("outbox API", "OUTBOX_HTTP_ADDR"),
     ("outbox consumer", "OUTBOX_CONSUMER_ADDR"),
+    ("chat", "CHAT_HTTP_ADDR"),
+    ("telemetry", "TELEMETRY_HTTP_ADDR"),
 ];
 
 /// Every listen address, on a free port (the defaults may be in use).

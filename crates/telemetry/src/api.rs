@@ -2,13 +2,17 @@
 //!
 //! Everything here reads Postgres, not the ingest's memory: with two
 //! instances splitting the stream, neither has seen everything, but the
-//! table has.
+//! table has. (`GET /ingest` is the exception: it says what *this* instance
+//! holds and shed.) The OpenAPI document is generated from these handlers
+//! (`GET /openapi.json`, browsable at `/docs/`), with the limits the
+//! handlers enforce written into its schemas; `GET /events`, a stream that
+//! never ends, is left out of it, so a fuzzer does not wait on it forever.
 
 use std::{convert::Infallible, time::Duration};
 
 use axum::{
     Router,
-    extract::{Path, State},
+    extract::State,
     http::{StatusCode, header},
     response::{
         IntoResponse, Response,
@@ -18,14 +22,31 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
-use lab_core::{ApiError, Json, Query, error::DependencyError};
+use lab_core::{
+    ApiError, Json, Path, Query,
+    error::DependencyError,
+    openapi::{ErrorBody, ErrorDetail},
+};
 use rumqttc::v5::mqttbytes::QoS;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::{App, mqtt::check_device_id, payload::Command};
 
+/// The telemetry API, as served at `GET /openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "System Design Lab: telemetry",
+        description = "What the MQTT ingest stored in Postgres: devices, readings, stats, alerts; commands back to a device; this instance's inbox. `GET /events` (server-sent events: `devices` and `ingest` once a second) and the dashboard at `GET /` are not described here."
+    ),
+    paths(devices, readings, stats, send_command, command, alerts, ingest),
+    components(schemas(ErrorBody, ErrorDetail))
+)]
+pub struct ApiDoc;
+
 pub fn routes(app: App) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/", get(dashboard))
         .route("/dashboard.js", get(dashboard_script))
         .route("/events", get(events))
@@ -35,7 +56,9 @@ pub fn routes(app: App) -> Router {
         .route("/devices/{id}/commands", post(send_command))
         .route("/commands/{id}", get(command))
         .route("/alerts", get(alerts))
-        .with_state(app)
+        .route("/ingest", get(ingest))
+        .with_state(app);
+    lab_core::openapi::with_docs(routes, ApiDoc::openapi())
 }
 
 /// Everything the API can answer with besides success, mapped once to the
@@ -74,6 +97,16 @@ impl IntoResponse for Error {
     }
 }
 
+/// The `{id}` of a device's paths, for the document.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // the document's view of the `{id}` the handlers take
+struct DevicePath {
+    /// The device id: 1–64 letters, digits, `-` or `_`.
+    #[param(min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_-]{1,64}$")]
+    id: String,
+}
+
 fn invalid(field: &'static str, message: impl Into<String>) -> Error {
     Error::Invalid {
         field,
@@ -102,8 +135,9 @@ impl App {
     }
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
-struct LastReading {
+/// One stored reading (by the device's clock).
+#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+struct StoredReading {
     seq: i64,
     ts: DateTime<Utc>,
     temperature_c: f64,
@@ -111,12 +145,15 @@ struct LastReading {
     battery_pct: f64,
 }
 
-#[derive(Debug, Serialize)]
+/// A device that has reported, with its retained status and latest reading.
+#[derive(Debug, Serialize, ToSchema)]
 struct Device {
+    #[schema(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
     id: String,
     online: bool,
+    /// When the ingest last stored a reading from it.
     last_seen: Option<DateTime<Utc>>,
-    last_reading: Option<LastReading>,
+    last_reading: Option<StoredReading>,
 }
 
 type DeviceRow = (
@@ -144,7 +181,7 @@ async fn load_devices(app: &App) -> Result<Vec<Device>, sqlx::Error> {
             online,
             last_seen,
             last_reading: match (seq, ts, t, h, b) {
-                (Some(seq), Some(ts), Some(t), Some(h), Some(b)) => Some(LastReading {
+                (Some(seq), Some(ts), Some(t), Some(h), Some(b)) => Some(StoredReading {
                     seq,
                     ts,
                     temperature_c: t,
@@ -157,34 +194,59 @@ async fn load_devices(app: &App) -> Result<Vec<Device>, sqlx::Error> {
         .collect())
 }
 
-/// `GET /devices`: every device that has reported, with its latest reading.
+/// Every device that has reported, with its latest reading.
+#[utoipa::path(
+    get, path = "/devices",
+    responses(
+        (status = 200, body = Vec<Device>),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 async fn devices(State(app): State<App>) -> Result<Json<Vec<Device>>, Error> {
     Ok(Json(load_devices(&app).await.map_err(|e| app.db_error(e))?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 struct ReadingsParams {
+    /// Only readings taken at or after this time (RFC 3339).
     since: Option<DateTime<Utc>>,
+    /// 1–1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
-/// `GET /devices/{id}/readings?since=&limit=`: oldest first.
+/// One device's readings, oldest first.
+#[utoipa::path(
+    get, path = "/devices/{id}/readings",
+    params(DevicePath, ReadingsParams),
+    responses(
+        (status = 200, body = Vec<StoredReading>),
+        (status = 400, description = "A path that is not UTF-8", body = ErrorBody),
+        (status = 404, description = "No such device has reported", body = ErrorBody),
+        (status = 422, description = "A bad id, limit or since", body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 async fn readings(
     State(app): State<App>,
     Path(id): Path<String>,
     Query(params): Query<ReadingsParams>,
-) -> Result<Json<Vec<LastReading>>, Error> {
+) -> Result<Json<Vec<StoredReading>>, Error> {
     app.known_device(&id).await?;
     let limit = params.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(invalid("limit", "must be 1–1000"));
     }
-    let rows: Vec<LastReading> = sqlx::query_as(
+    // No reading is before 1970 (the ingest refuses them), so an earlier
+    // `since` is no bound at all, and Postgres, whose calendar starts in
+    // 4713 BC, never sees a year it cannot hold (that was a 500).
+    let since = params.since.filter(|since| since.timestamp() >= 0);
+    let rows: Vec<StoredReading> = sqlx::query_as(
         "SELECT seq, ts, temperature_c, humidity_pct, battery_pct FROM readings \
          WHERE device_id = $1 AND ts >= coalesce($2, '-infinity') ORDER BY seq LIMIT $3",
     )
     .bind(&id)
-    .bind(params.since)
+    .bind(since)
     .bind(limit)
     .fetch_all(&app.pool)
     .await
@@ -192,12 +254,16 @@ async fn readings(
     Ok(Json(rows))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 struct StatsParams {
+    /// 1–2592000 (30 days), default 300.
+    #[param(minimum = 1, maximum = 2_592_000)]
     window_secs: Option<i64>,
 }
 
-#[derive(Serialize)]
+/// Temperature over a device's recent readings; the figures are null when
+/// there are none in the window.
+#[derive(Serialize, ToSchema)]
 struct Stats {
     device_id: String,
     window_secs: i64,
@@ -207,8 +273,19 @@ struct Stats {
     mean_c: Option<f64>,
 }
 
-/// `GET /devices/{id}/stats?window_secs=`: temperature over readings taken
-/// (by the device's clock) in the last `window_secs`.
+/// Temperature over the readings a device took (by its clock) in the last
+/// `window_secs`.
+#[utoipa::path(
+    get, path = "/devices/{id}/stats",
+    params(DevicePath, StatsParams),
+    responses(
+        (status = 200, body = Stats),
+        (status = 400, description = "A path that is not UTF-8", body = ErrorBody),
+        (status = 404, description = "No such device has reported", body = ErrorBody),
+        (status = 422, description = "A bad id or window_secs", body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 async fn stats(
     State(app): State<App>,
     Path(id): Path<String>,
@@ -239,17 +316,21 @@ async fn stats(
     }))
 }
 
-#[derive(Deserialize)]
+/// A new setpoint for a thermostat.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewCommand {
+    #[schema(minimum = 5.0, maximum = 35.0)]
     setpoint_c: f64,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+/// A command: sent to the device, and acknowledged once it applied it.
+#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
 struct CommandView {
     command_id: uuid::Uuid,
     device_id: String,
     setpoint_c: f64,
+    #[schema(pattern = "^(pending|acknowledged)$")]
     status: String,
     created_at: DateTime<Utc>,
     acked_at: Option<DateTime<Utc>>,
@@ -258,8 +339,29 @@ struct CommandView {
 /// A thermostat takes setpoints from 5 to 35 °C.
 const SETPOINT_RANGE: std::ops::RangeInclusive<f64> = 5.0..=35.0;
 
-/// `POST /devices/{id}/commands`: stored, then published (QoS 1) to the
-/// device; 202, since the device has not acted on it yet.
+/// The answer to a command sent: on its way, not yet applied.
+#[derive(Serialize, ToSchema)]
+struct CommandSent {
+    command_id: uuid::Uuid,
+    #[schema(pattern = "^pending$")]
+    status: &'static str,
+}
+
+/// Send a setpoint to a device: stored, then published (QoS 1) on
+/// `devices/{id}/commands`; 202, since the device has not acted on it yet.
+#[utoipa::path(
+    post, path = "/devices/{id}/commands", request_body = NewCommand,
+    params(DevicePath),
+    responses(
+        (status = 202, description = "Sent; poll `GET /commands/{command_id}`", body = CommandSent),
+        (status = 400, description = "Malformed JSON, or a path that is not UTF-8", body = ErrorBody),
+        (status = 404, description = "No such device has reported", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 422, description = "A bad id or setpoint_c", body = ErrorBody),
+        (status = 503, description = "Postgres or the broker is down", body = ErrorBody),
+    )
+)]
 async fn send_command(
     State(app): State<App>,
     Path(id): Path<String>,
@@ -296,11 +398,25 @@ async fn send_command(
             tracing::warn!(%err, "cannot queue a command");
             Error::NotSent("the command was not sent: the MQTT client is busy; try again".into())
         })?;
-    let body = serde_json::json!({"command_id": command.command_id, "status": "pending"});
-    Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
+    let body = CommandSent {
+        command_id: command.command_id,
+        status: "pending",
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
-/// `GET /commands/{id}`: pending or acknowledged.
+/// A command, pending or acknowledged.
+#[utoipa::path(
+    get, path = "/commands/{id}",
+    params(("id" = uuid::Uuid, Path, description = "The command id, from `POST /devices/{id}/commands`")),
+    responses(
+        (status = 200, body = CommandView),
+        (status = 400, description = "A path that is not UTF-8", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 422, description = "Not a UUID", body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 async fn command(
     State(app): State<App>,
     Path(id): Path<String>,
@@ -320,7 +436,8 @@ async fn command(
     .ok_or_else(|| Error::NotFound(format!("no command {id}")))
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+/// A run of `ALERT_CONSECUTIVE` readings above `ALERT_THRESHOLD_C`.
+#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
 struct AlertView {
     device_id: String,
     seq: i64,
@@ -331,7 +448,14 @@ struct AlertView {
     created_at: DateTime<Utc>,
 }
 
-/// `GET /alerts`: newest first, the last 100.
+/// The last 100 alerts, newest first.
+#[utoipa::path(
+    get, path = "/alerts",
+    responses(
+        (status = 200, body = Vec<AlertView>),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
 async fn alerts(State(app): State<App>) -> Result<Json<Vec<AlertView>>, Error> {
     let rows = sqlx::query_as(
         "SELECT device_id, seq, temperature_c, threshold_c, readings, ts, created_at \
@@ -343,8 +467,45 @@ async fn alerts(State(app): State<App>) -> Result<Json<Vec<AlertView>>, Error> {
     Ok(Json(rows))
 }
 
-/// `GET /events`: the device table once a second, as server-sent events,
-/// until the client goes or the service stops.
+/// What this instance (not the fleet of instances) is doing.
+#[derive(Debug, Serialize, ToSchema)]
+struct IngestView {
+    /// The instance's MQTT client id.
+    client_id: String,
+    /// The QoS of its telemetry subscription.
+    qos: u8,
+    /// Connected to the broker and subscribed.
+    connected: bool,
+    /// Messages received and waiting for the batcher.
+    inbox: u64,
+    /// At QoS 0, the most the inbox holds before it sheds.
+    qos0_inbox: u64,
+    /// QoS 0 messages dropped because the inbox was full.
+    shed: u64,
+}
+
+impl App {
+    fn ingest_view(&self) -> IngestView {
+        IngestView {
+            client_id: self.settings.client_id.clone(),
+            qos: self.settings.qos,
+            connected: self.mqtt_up(),
+            inbox: self.stats.inbox.waiting(),
+            qos0_inbox: self.settings.qos0_inbox,
+            shed: self.stats.inbox.shed.get(),
+        }
+    }
+}
+
+/// This instance's inbox, and the QoS 0 readings it shed.
+#[utoipa::path(get, path = "/ingest", responses((status = 200, body = IngestView)))]
+async fn ingest(State(app): State<App>) -> Json<IngestView> {
+    Json(app.ingest_view())
+}
+
+/// `GET /events`: the device table once a second, as server-sent events
+/// (`devices`), and this instance's `ingest` state, until the client goes
+/// or the service stops.
 async fn events(State(app): State<App>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let shutdown = app.shutdown.clone();
     let ticks =
@@ -353,7 +514,11 @@ async fn events(State(app): State<App>) -> Sse<impl Stream<Item = Result<Event, 
         .then(move |_| {
             let app = app.clone();
             async move {
-                let event = match load_devices(&app).await {
+                let ingest = Event::default()
+                    .event("ingest")
+                    .json_data(app.ingest_view())
+                    .expect("the ingest view serialises");
+                let devices = match load_devices(&app).await {
                     Ok(devices) => Event::default()
                         .event("devices")
                         .json_data(devices)
@@ -365,9 +530,10 @@ async fn events(State(app): State<App>) -> Sse<impl Stream<Item = Result<Event, 
                             .data("the database is not answering")
                     }
                 };
-                Ok(event)
+                futures::stream::iter([Ok(ingest), Ok(devices)])
             }
         })
+        .flatten()
         .take_until(shutdown.cancelled_owned());
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

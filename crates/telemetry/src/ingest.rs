@@ -10,6 +10,24 @@
 //! sends them again; the primary key `(device_id, seq)` turns that second
 //! copy into a no-op. At least once in, exactly once stored.
 //!
+//! **An ack is valid only on the connection its message came on.** A PUBACK
+//! names a packet id, and packet ids are per session: after a broker that
+//! lost its state comes back, the new session numbers its messages from 1
+//! again. An ack for a batch that was in flight across the restart, sent on
+//! the new connection, acknowledged *another* message, not yet stored; a
+//! crash then lost it (the test that shows it lost 20 of 60 readings). So
+//! each message carries the number of its connection, and the batcher acks
+//! only while that connection is the current one; the rest are withheld
+//! (`telemetry_acks_withheld_total`): a broker that kept the session sends
+//! them again, and one that did not has forgotten them. The check and the
+//! queueing of the ack happen under one lock that the client task takes to
+//! end a connection, and two leftovers of the old connection inside
+//! rumqttc are cleared then: publishes read in the same burst as the failure
+//! (handed out after the reconnect, they would look new) and acks queued
+//! in its request channel. Rejected: acking by packet id whatever the
+//! connection (the bug), and routing acks through the client task's
+//! `select!`, which would cancel `EventLoop::poll` mid-write.
+//!
 //! The session is persistent (clean start off, a session expiry): while the
 //! ingest is away the broker queues its QoS 1 messages. When the broker has
 //! no session for it (first start, or a broker that lost its state), the
@@ -31,16 +49,18 @@ use rumqttc::v5::{
     },
 };
 use sqlx::{Postgres, Transaction};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use lab_core::backoff::Backoff;
 use rumqttc::v5::AsyncClient;
 
 use crate::{
-    App, Broker, Settings,
-    mqtt::Kind,
+    App, Broker, Settings, Topics,
+    inbox::{self, Delivery, Offered},
+    mqtt::{Kind, check_device_id},
     payload::{Ack, Alert, Reading, parse_status},
+    rejects::{self, Reject},
 };
 
 /// The ingest's MQTT client: a persistent session (clean start off, kept
@@ -83,10 +103,10 @@ fn filters(app: &App) -> Vec<Filter> {
 
 /// Polls the MQTT event loop until `stop`, then disconnects (the broker
 /// keeps the session, and queues for it, until it expires).
-pub async fn run_client(
+pub(crate) async fn run_client(
     app: App,
     mut eventloop: EventLoop,
-    inbox: mpsc::UnboundedSender<Publish>,
+    inbox: inbox::Sender,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut backoff = Backoff::reconnect();
@@ -102,21 +122,16 @@ pub async fn run_client(
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 // Never a wait here: this loop is also what delivers the
-                // batcher's acks (rumqttc drains its request channel only
-                // inside `poll`). A loop waiting for the batcher while the
-                // batcher waits for the loop is a deadlock; a bounded inbox
-                // did exactly that here, stalling after ~1,900 of 3,000
-                // queued readings. So the inbox is unbounded, and the broker
-                // bounds it: with manual acks it sends at most `receive
-                // maximum` unacknowledged messages (on a reconnect Mosquitto
-                // sent its whole queue at once, which the inbox absorbs).
-                if inbox.send(publish).is_err() {
+                // batcher's acks. The inbox never waits; see `inbox` for
+                // what bounds it at each QoS.
+                if app.take(&inbox, publish) == Offered::Closed {
                     break; // the batcher has stopped
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(suback))) => app.subscribed(&suback.return_codes),
             Ok(_) => {}
             Err(err) => {
+                app.connection_lost(&mut eventloop, &inbox);
                 let message = app.broker.describe(&err);
                 if app.mqtt_up() {
                     tracing::warn!("{message}");
@@ -140,15 +155,17 @@ pub async fn run_client(
         })
         .await;
     }
+    // No connection any more: an ack still being retried gives up.
+    *app.connection.lock().expect("connection lock") += 1;
     app.set_mqtt_up(false, Some("stopped".into()));
     Ok(())
 }
 
 /// Collects publishes into batches and stores them until `stop`; then
 /// stores what is already in the inbox and returns.
-pub async fn run_batcher(
+pub(crate) async fn run_batcher(
     app: App,
-    mut inbox: mpsc::UnboundedReceiver<Publish>,
+    mut inbox: inbox::Receiver,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let size = app.settings.batch_size.max(1);
@@ -175,8 +192,8 @@ pub async fn run_batcher(
     }
     // Shutdown: what already arrived is stored and acknowledged.
     let mut rest = Vec::new();
-    while let Ok(publish) = inbox.try_recv() {
-        rest.push(publish);
+    while let Some(delivery) = inbox.try_recv() {
+        rest.push(delivery);
     }
     if !rest.is_empty() {
         app.store(rest, &CancellationToken::new()).await;
@@ -194,50 +211,60 @@ struct Decoded {
     /// The newest status per device in the batch.
     statuses: BTreeMap<String, bool>,
     acks: Vec<Ack>,
-    rejects: Vec<(String, String, String)>,
+    rejects: Vec<Reject>,
 }
 
-fn decode(app: &App, batch: &[Publish]) -> Decoded {
+impl Decoded {
+    /// Checks one message from `device` (its id already checked) and
+    /// keeps what it says.
+    fn take(&mut self, kind: Kind, device: &str, payload: &[u8]) -> Result<(), String> {
+        match kind {
+            Kind::Telemetry => {
+                self.readings.push(Reading::parse(device, payload)?);
+            }
+            Kind::Status => {
+                self.statuses
+                    .insert(device.to_owned(), parse_status(payload)?);
+            }
+            Kind::Acks => {
+                let ack: Ack = serde_json::from_slice(payload)
+                    .map_err(|err| format!("malformed ack: {err}"))?;
+                if ack.device_id != device {
+                    return Err(format!(
+                        "ack from {:?} on {device:?}'s topic",
+                        ack.device_id
+                    ));
+                }
+                self.acks.push(ack);
+            }
+            Kind::Commands => return Err("not a topic the ingest reads".to_owned()),
+        }
+        Ok(())
+    }
+}
+
+fn decode(app: &App, batch: &[Delivery]) -> Decoded {
     let mut decoded = Decoded::default();
-    for publish in batch {
+    for Delivery { publish, .. } in batch {
         let topic = String::from_utf8_lossy(&publish.topic);
         let payload = &publish.payload[..];
         let result = match app.topics.parse(&topic) {
-            Some((device, Kind::Telemetry)) => {
-                app.stats.received("telemetry");
-                Reading::parse(device, payload).map(|r| decoded.readings.push(r))
-            }
-            Some((device, Kind::Status)) => {
-                app.stats.received("status");
-                parse_status(payload).map(|online| {
-                    decoded.statuses.insert(device.to_owned(), online);
-                })
-            }
-            Some((device, Kind::Acks)) => {
-                app.stats.received("ack");
-                serde_json::from_slice::<Ack>(payload)
-                    .map_err(|err| format!("malformed ack: {err}"))
-                    .and_then(|ack| {
-                        if ack.device_id == device {
-                            decoded.acks.push(ack);
-                            Ok(())
-                        } else {
-                            Err(format!(
-                                "ack from {:?} on {device:?}'s topic",
-                                ack.device_id
-                            ))
-                        }
-                    })
+            Some((device, kind)) if kind != Kind::Commands => {
+                app.stats.received(match kind {
+                    Kind::Telemetry => "telemetry",
+                    Kind::Status => "status",
+                    _ => "ack",
+                });
+                // The topic's id is checked before anything is kept under it.
+                check_device_id(device).and_then(|()| decoded.take(kind, device, payload))
             }
             _ => Err("not a topic the ingest reads".to_owned()),
         };
         if let Err(reason) = result {
             app.stats.rejected.inc();
-            decoded.rejects.push((
-                printable(topic.as_bytes()),
-                printable(payload),
-                printable(reason.as_bytes()),
-            ));
+            decoded
+                .rejects
+                .push(Reject::new(topic.as_bytes(), payload, &reason));
         }
     }
     decoded.accepted = decoded.readings.len();
@@ -248,21 +275,6 @@ fn decode(app: &App, batch: &[Publish]) -> Decoded {
         .readings
         .dedup_by(|a, b| a.device_id == b.device_id && a.seq == b.seq);
     decoded
-}
-
-/// Kept readable and bounded (a reject table is for people), and without
-/// NUL, which Postgres refuses in text: one such payload would otherwise
-/// fail its batch on every redelivery, and stop the ingest.
-fn printable(bytes: &[u8]) -> String {
-    let mut text = String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}");
-    if text.len() > 4096 {
-        let cut = (0..=4096)
-            .rev()
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(0);
-        text.truncate(cut);
-    }
-    text
 }
 
 impl App {
@@ -306,12 +318,87 @@ impl App {
         }
     }
 
+    /// Hands a publish to the batcher, tagged with the connection it came on.
+    fn take(&self, inbox: &inbox::Sender, publish: Publish) -> Offered {
+        let connection = *self.connection.lock().expect("connection lock");
+        inbox.offer(Delivery {
+            publish,
+            connection,
+        })
+    }
+
+    /// The connection is gone: from now on an ack for what came on it
+    /// would land on the next one, where its packet id names another
+    /// message. Called with the event loop's error, before it reconnects.
+    fn connection_lost(&self, eventloop: &mut EventLoop, inbox: &inbox::Sender) {
+        // Publishes read in the same burst as the failure are still queued
+        // in the event loop, which would hand them out after the reconnect
+        // as if they came on the new connection.
+        let buffered: Vec<Publish> = eventloop
+            .state
+            .events
+            .drain(..)
+            .filter_map(|event| match event {
+                Event::Incoming(Packet::Publish(publish)) => Some(publish),
+                _ => None,
+            })
+            .collect();
+        for publish in buffered {
+            let _ = self.take(inbox, publish);
+        }
+        *self.connection.lock().expect("connection lock") += 1;
+        // rumqttc dropped the acks waiting in its request channel when the
+        // connection failed; one queued since (before the line above) would
+        // still go out on the next connection. `clean` drops it too.
+        eventloop.clean();
+    }
+
+    /// Acknowledges a committed batch's QoS 1 messages, each on the
+    /// connection it came on and nowhere else. One from an earlier
+    /// connection is withheld: if the broker kept the session it sends the
+    /// message again (a duplicate, dropped and then acknowledged); if not,
+    /// it has forgotten it.
+    async fn acknowledge(&self, batch: &[Delivery]) {
+        let mut withheld = 0;
+        for delivery in batch.iter().filter(|d| d.publish.qos != QoS::AtMostOnce) {
+            loop {
+                // Held while queueing, so the client task cannot begin a new
+                // connection between the check and the queueing.
+                let queued = {
+                    let current = self.connection.lock().expect("connection lock");
+                    if *current != delivery.connection {
+                        withheld += 1;
+                        break;
+                    }
+                    self.client.try_ack(&delivery.publish)
+                };
+                if queued.is_ok() {
+                    break;
+                }
+                // The request channel is full (never waited on under the
+                // lock, which the event loop's task needs): let it drain.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        if withheld > 0 {
+            self.stats.acks_withheld.inc_by(withheld);
+            tracing::info!(
+                withheld,
+                "acks withheld: their messages came on an earlier connection"
+            );
+        }
+    }
+
     /// Stores a batch (retrying while Postgres is down), then acknowledges
     /// it to the broker, then publishes the alerts it raised.
-    async fn store(&self, batch: Vec<Publish>, stop: &CancellationToken) {
+    async fn store(&self, batch: Vec<Delivery>, stop: &CancellationToken) {
         let decoded = decode(self, &batch);
         let mut backoff = Backoff::reconnect();
-        let (stored, alerts) = loop {
+        let Written {
+            stored,
+            alerts,
+            foreign_acks,
+        } = loop {
             match self.write(&decoded).await {
                 Ok(written) => break written,
                 Err(err) => {
@@ -329,17 +416,12 @@ impl App {
             }
         };
         self.stats.batches.inc();
+        self.stats.rejected.inc_by(foreign_acks);
         self.stats.stored.inc_by(stored);
         self.stats
             .duplicates
             .inc_by(decoded.accepted as u64 - stored);
-        for publish in &batch {
-            if publish.qos != QoS::AtMostOnce
-                && let Err(err) = self.client.ack(publish).await
-            {
-                tracing::warn!(%err, "cannot acknowledge; the broker will send it again");
-            }
-        }
+        self.acknowledge(&batch).await;
         for alert in alerts {
             self.stats.alerts.inc();
             tracing::info!(device = %alert.device_id, seq = alert.seq, "alert");
@@ -355,48 +437,22 @@ impl App {
         }
     }
 
-    /// Writes one batch, and the alerts it completes, in one transaction;
-    /// returns how many readings were new (the rest were redeliveries) and
-    /// the alerts raised. Alerts in the same transaction: were they judged
+    /// Writes one batch, and the alerts it completes, in one transaction. Alerts in the same transaction: were they judged
     /// after the acks, a crash in between would lose them for good.
-    async fn write(&self, d: &Decoded) -> Result<(u64, Vec<Alert>), sqlx::Error> {
+    async fn write(&self, d: &Decoded) -> Result<Written, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let stored = insert_readings(&mut tx, &d.readings).await?;
         update_devices(&mut tx, &d.readings, &d.statuses).await?;
-        if !d.rejects.is_empty() {
-            let (topics, payloads, reasons): (Vec<_>, Vec<_>, Vec<_>) =
-                d.rejects.iter().cloned().fold(
-                    (vec![], vec![], vec![]),
-                    |(mut t, mut p, mut r), (a, b, c)| {
-                        t.push(a);
-                        p.push(b);
-                        r.push(c);
-                        (t, p, r)
-                    },
-                );
-            sqlx::query(
-                "INSERT INTO rejects (topic, payload, reason) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[])",
-            )
-            .bind(topics)
-            .bind(payloads)
-            .bind(reasons)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !d.acks.is_empty() {
-            let ids: Vec<uuid::Uuid> = d.acks.iter().map(|a| a.command_id).collect();
-            sqlx::query(
-                "UPDATE commands SET status = 'acknowledged', acked_at = now() \
-                 WHERE id = ANY($1) AND status = 'pending'",
-            )
-            .bind(ids)
-            .execute(&mut *tx)
-            .await?;
-        }
+        let foreign = acknowledge_commands(&mut tx, &self.topics, &d.acks).await?;
+        rejects::insert(&mut tx, &d.rejects).await?;
+        rejects::insert(&mut tx, &foreign).await?;
         let alerts = self.raise_alerts(&mut tx, &d.readings).await?;
         tx.commit().await?;
-        Ok((stored, alerts))
+        Ok(Written {
+            stored,
+            alerts,
+            foreign_acks: foreign.len() as u64,
+        })
     }
 
     /// Raises an alert where `ALERT_CONSECUTIVE` readings in a row (by seq)
@@ -528,6 +584,62 @@ fn completed_runs(
             (end, (window[first].0, window[last].0))
         })
         .collect()
+}
+
+/// What one batch's transaction did.
+struct Written {
+    /// Readings that were new (the rest were redeliveries).
+    stored: u64,
+    alerts: Vec<Alert>,
+    /// Acks that named another device's command, kept as rejects.
+    foreign_acks: u64,
+}
+
+/// Marks commands acknowledged, each by its own device only: the ack's
+/// device (checked against its topic) must be the command's. Without that
+/// filter any device could acknowledge any command whose id it learned.
+/// Returns the acks that named another device's command, as rejects.
+async fn acknowledge_commands(
+    tx: &mut Transaction<'_, Postgres>,
+    topics: &Topics,
+    acks: &[Ack],
+) -> Result<Vec<Reject>, sqlx::Error> {
+    if acks.is_empty() {
+        return Ok(vec![]);
+    }
+    let ids: Vec<uuid::Uuid> = acks.iter().map(|a| a.command_id).collect();
+    let devices: Vec<&str> = acks.iter().map(|a| a.device_id.as_str()).collect();
+    sqlx::query(
+        "UPDATE commands c SET status = 'acknowledged', acked_at = now() \
+         FROM UNNEST($1::uuid[], $2::text[]) AS a(id, device_id) \
+         WHERE c.id = a.id AND c.device_id = a.device_id AND c.status = 'pending'",
+    )
+    .bind(&ids)
+    .bind(&devices)
+    .execute(&mut **tx)
+    .await?;
+    let foreign: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        "SELECT a.id, a.device_id FROM UNNEST($1::uuid[], $2::text[]) AS a(id, device_id) \
+         JOIN commands c ON c.id = a.id WHERE c.device_id <> a.device_id",
+    )
+    .bind(&ids)
+    .bind(&devices)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(foreign
+        .into_iter()
+        .map(|(id, device)| {
+            let ack = acks
+                .iter()
+                .find(|a| a.command_id == id && a.device_id == device);
+            let payload = ack.map(|a| serde_json::to_vec(a).expect("acks serialise"));
+            Reject::new(
+                topics.acks(&device).as_bytes(),
+                &payload.unwrap_or_default(),
+                &format!("ack for command {id}, which was sent to another device"),
+            )
+        })
+        .collect())
 }
 
 async fn insert_readings(

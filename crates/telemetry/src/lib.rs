@@ -5,23 +5,32 @@
 //! each one shows here:
 //!
 //! - **QoS 1** and **persistent sessions**: a reading is delivered at least
-//!   once, even across an ingest restart or a network cut ([`ingest`]).
+//!   once, even across an ingest restart or a network cut ([`ingest`]),
+//!   and acknowledged only after commit, on the connection it came on.
+//! - **QoS 0** (`TELEMETRY_QOS=0`): at most once, and the ingest says how
+//!   often it was none: beyond `INGEST_QOS0_INBOX` waiting messages it sheds
+//!   them and counts them (the `inbox` module says why not refuse QoS 0).
 //! - **Retained status and last will**: `devices/{id}/status` says `online`
 //!   when a device connects and the broker says `offline` for it when it
 //!   vanishes without a goodbye ([`device`]).
 //! - **Shared subscriptions** (`$share/ingest/…`): several ingest instances
 //!   split the stream between them.
 //! - **Commands back** to a device on `devices/{id}/commands`, acknowledged
-//!   on `devices/{id}/acks`; **alerts** on `alerts/{id}`.
+//!   on `devices/{id}/acks` by that device only; **alerts** on `alerts/{id}`.
+//! - **Untrusted topics**: the device id in a topic is checked like one in
+//!   a path; what fails a check is kept, for a while, as a reject (the
+//!   `rejects` module).
 //!
 //! Try it: `cargo run -p lab -- up --only telemetry`, then
 //! `cargo run -p lab -- sim devices`, then <http://localhost:8084/>.
 
 pub mod api;
 pub mod device;
+mod inbox;
 pub mod ingest;
 pub mod mqtt;
 pub mod payload;
+mod rejects;
 pub mod sim;
 
 use std::{
@@ -40,7 +49,7 @@ use prometheus_client::{
 };
 use rumqttc::v5::{AsyncClient, mqttbytes::QoS};
 use sqlx::PgPool;
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::mqtt::{Broker, Topics};
@@ -93,6 +102,18 @@ pub struct Settings {
         value_parser = clap::value_parser!(u8).range(0..=1)
     )]
     pub qos: u8,
+    /// At QoS 0, messages the inbox holds at most while the batcher is busy
+    /// (Postgres slow or down); beyond that they are dropped and counted in
+    /// `telemetry_shed_total`. QoS 1 needs no such bound: the broker's
+    /// receive maximum is one.
+    #[arg(
+        id = "ingest_qos0_inbox",
+        long = "ingest-qos0-inbox",
+        env = "INGEST_QOS0_INBOX",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub qos0_inbox: u64,
     /// Readings written per transaction at most.
     #[arg(
         id = "ingest_batch_size",
@@ -117,6 +138,17 @@ pub struct Settings {
         default_value_t = 3600
     )]
     pub session_expiry_secs: u32,
+    /// Rejected payloads older than this are deleted (by every ingest
+    /// instance, every tenth of it, at most hourly): a fleet that sends
+    /// garbage must not grow the table without end.
+    #[arg(
+        id = "telemetry_rejects_retention_secs",
+        long = "telemetry-rejects-retention-secs",
+        env = "TELEMETRY_REJECTS_RETENTION_SECS",
+        default_value_t = 7 * 86_400,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub rejects_retention_secs: u64,
     /// A reading above this is high.
     #[arg(
         id = "alert_threshold_c",
@@ -193,6 +225,8 @@ pub(crate) struct Stats {
     batches: Counter,
     alerts: Counter,
     connects: Family<SessionLabel, Counter>,
+    acks_withheld: Counter,
+    inbox: Arc<inbox::Counts>,
 }
 
 impl Stats {
@@ -206,6 +240,8 @@ impl Stats {
             batches: Counter::default(),
             alerts: Counter::default(),
             connects: Family::default(),
+            acks_withheld: Counter::default(),
+            inbox: Arc::default(),
         };
         metrics.register(
             "mqtt_connected",
@@ -239,6 +275,21 @@ impl Stats {
             "Connections to the broker, by whether it still had the ingest's session (resumed) or not (new)",
             stats.connects.clone(),
         );
+        metrics.register(
+            "acks_withheld",
+            "Acks not sent because their message came on an earlier connection (the broker sends it again if it kept the session)",
+            stats.acks_withheld.clone(),
+        );
+        metrics.register(
+            "inbox",
+            "Messages received and waiting for the batcher",
+            stats.inbox.waiting.clone(),
+        );
+        metrics.register(
+            "shed",
+            "QoS 0 messages dropped because the inbox held INGEST_QOS0_INBOX already",
+            stats.inbox.shed.clone(),
+        );
         stats
     }
 
@@ -268,6 +319,11 @@ pub struct Inner {
     broker: Broker,
     topics: Topics,
     mqtt_up: AtomicBool,
+    /// The broker connection messages arrive on now: a number the client
+    /// task raises each time a connection ends. Held while an ack is queued,
+    /// so that no ack for one connection is queued once the next has begun
+    /// (see [`ingest`]).
+    connection: Mutex<u64>,
     /// Why the broker is not reachable, for `/readyz`.
     mqtt_error: Mutex<Option<String>>,
     stats: Stats,
@@ -331,9 +387,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let broker = Broker::parse(mqtt_url)?;
     let (client, eventloop) = ingest::client(&broker, &settings);
-    let (inbox_tx, inbox) = mpsc::unbounded_channel();
-
     let metrics = Metrics::new("telemetry");
+    let qos0_max = usize::try_from(settings.qos0_inbox).unwrap_or(usize::MAX);
     let app = App(Arc::new(Inner {
         topics: Topics::new(&settings.topic_prefix),
         settings,
@@ -341,10 +396,12 @@ pub async fn serve(
         client,
         broker,
         mqtt_up: AtomicBool::new(false),
+        connection: Mutex::new(0),
         mqtt_error: Mutex::new(Some("not connected yet".into())),
         stats: Stats::new(&metrics),
         shutdown: shutdown.clone(),
     }));
+    let (inbox_tx, inbox) = inbox::channel(app.stats.inbox.clone(), qos0_max);
     let dependencies = vec![lab_core::postgres::dependency(pool), app.mosquitto()];
     let router = lab_core::http::service_router(api::routes(app.clone()), dependencies, metrics);
 
@@ -375,6 +432,10 @@ pub async fn serve(
                 )),
             ),
             ("batcher", Box::pin(batcher)),
+            (
+                "rejects pruner",
+                Box::pin(rejects::run_pruner(app.clone(), shutdown.clone())),
+            ),
         ],
     )
     .await?;

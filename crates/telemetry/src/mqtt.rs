@@ -161,8 +161,15 @@ pub fn check_device_id(id: &str) -> Result<(), String> {
     if lab_core::error::is_name(id, 64, b"") {
         Ok(())
     } else {
+        // A topic may carry an id of any length: quote the start of it.
+        let shown: String = id.chars().take(64).collect();
+        let cut = if shown.len() < id.len() {
+            format!("…, {} bytes", id.len())
+        } else {
+            String::new()
+        };
         Err(format!(
-            "device id must be 1–64 letters, digits, '-' or '_' (got {id:?})"
+            "device id must be 1–64 letters, digits, '-' or '_' (got {shown:?}{cut})"
         ))
     }
 }
@@ -199,5 +206,14 @@ mod tests {
         assert_eq!(t.parse("devices/d1/acks"), None, "another prefix");
         assert_eq!(t.parse("test/abc/devices/d1/other"), None);
         assert_eq!(t.every(Kind::Status), "test/abc/devices/+/status");
+    }
+
+    #[test]
+    fn a_long_id_is_quoted_short() {
+        let message = check_device_id(&"x".repeat(3000)).unwrap_err();
+        assert!(message.ends_with("…, 3000 bytes)"), "{message}");
+        assert!(message.len() < 200, "{message}");
+        assert!(check_device_id("ok-id_1").is_ok());
+        assert!(check_device_id("bad.id").is_err());
     }
 }
