@@ -994,3 +994,49 @@ async fn a_failed_creation_is_applied_before_its_prefetched_cancellation(pool: P
     consumer.stop().await.unwrap();
     api.stop().await.unwrap();
 }
+
+/// The backend holding the relay's leader lock in this test's database.
+async fn leader_backend(pool: &PgPool) -> Option<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+}
+
+/// A blip (the leader's Postgres session ended) costs the short first wait
+/// every time, however many blips came before: the backoff starts over once
+/// the relay leads again, instead of staying at its cap for good.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn after_each_postgres_blip_the_relay_waits_the_short_first_wait(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let relay = Service::relay(pool.clone(), &amqp_url(), &topology.settings).await;
+    let mut last_pid = None;
+    for blip in 0..5 {
+        let pid = eventually("the relay to lead", Duration::from_secs(30), || async {
+            let leads = relay_status(&relay).await["leader"] == true;
+            let pid = leader_backend(&pool).await;
+            (leads && pid.is_some() && pid != last_pid).then_some(pid)
+        })
+        .await;
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&pool)
+            .await
+            .unwrap();
+        last_pid = pid;
+        eventually("the relay to notice", Duration::from_secs(30), || async {
+            let status = relay_status(&relay).await;
+            (status["retries"].as_u64() > Some(blip)).then_some(())
+        })
+        .await;
+    }
+    let status = relay_status(&relay).await;
+    let wait = status["last_retry_delay_ms"].as_u64().unwrap();
+    // The first wait of the schedule is 100-200 ms (100 ms and its jitter);
+    // without the reset the fifth would be 1.6-3.2 s.
+    assert!(wait <= 200, "the fifth blip waited {wait} ms: {status}");
+    relay.stop().await.unwrap();
+}

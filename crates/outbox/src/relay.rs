@@ -48,7 +48,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -99,6 +99,8 @@ pub struct RelayState {
     broker_connected: Gauge,
     published: Counter,
     batches: Counter,
+    retries: AtomicU64,
+    last_retry_delay_ms: AtomicU64,
 }
 
 /// `GET /status` on the relay's port.
@@ -109,6 +111,10 @@ pub struct RelayStatus {
     pub broker_connected: bool,
     pub published: u64,
     pub batches: u64,
+    /// Times the relay lost the lead (or failed to stand by) and waited.
+    pub retries: u64,
+    /// How long it waited the last time, in ms: the backoff at work.
+    pub last_retry_delay_ms: u64,
 }
 
 impl RelayState {
@@ -119,7 +125,15 @@ impl RelayState {
             broker_connected: self.broker_connected.get() == 1,
             published: self.published.get(),
             batches: self.batches.get(),
+            retries: self.retries.load(Ordering::SeqCst),
+            last_retry_delay_ms: self.last_retry_delay_ms.load(Ordering::SeqCst),
         }
+    }
+
+    fn retried(&self, delay: Duration) {
+        self.retries.fetch_add(1, Ordering::SeqCst);
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.last_retry_delay_ms.store(ms, Ordering::SeqCst);
     }
 
     fn set_leader(&self, leader: bool) {
@@ -177,10 +191,11 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut backoff = Backoff::reconnect();
         while !shutdown.is_cancelled() {
-            match self.stand_by_then_lead(&shutdown).await {
+            match self.stand_by_then_lead(&shutdown, &mut backoff).await {
                 Ok(()) => backoff.reset(),
                 Err(err) => {
                     let delay = backoff.next_delay();
+                    self.state.retried(delay);
                     tracing::warn!(relay = %self.state.id, "relay lost the lead: {err}; retrying in {delay:?}");
                     tokio::select! {
                         () = shutdown.cancelled() => {}
@@ -192,7 +207,14 @@ impl Relay {
         Ok(())
     }
 
-    async fn stand_by_then_lead(&self, shutdown: &CancellationToken) -> Result<(), RelayError> {
+    /// Waits for the lock, then leads until shutdown or a failure. Leading
+    /// starts the backoff over: a blip hours after the last one costs the
+    /// short first wait, not the long one the backoff had reached.
+    async fn stand_by_then_lead(
+        &self,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<(), RelayError> {
         // A connection of its own, outside the pool: the lock belongs to it.
         let mut lock = self.pool.acquire().await?.detach();
         self.lease.prepare(&mut lock).await?;
@@ -205,6 +227,7 @@ impl Relay {
         }
         tracing::info!(relay = %self.state.id, "relay leads");
         self.state.set_leader(true);
+        backoff.reset();
         let result = self.lead(&mut lock, shutdown).await;
         self.state.set_leader(false);
         // Closing the session releases the lock for a standby. On a silent
