@@ -1040,3 +1040,76 @@ async fn after_each_postgres_blip_the_relay_waits_the_short_first_wait(pool: PgP
     assert!(wait <= 200, "the fifth blip waited {wait} ms: {status}");
     relay.stop().await.unwrap();
 }
+
+/// One order, one timestamp: the answer to POST, its idempotent replay, the
+/// event and GET all carry what Postgres stored (microseconds), not the
+/// nanoseconds the process had in hand.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn an_orders_timestamps_are_the_same_in_every_answer_and_its_event(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let api = Service::api(pool.clone(), &amqp_url(), &topology.settings).await;
+    let http = Client::new();
+    let post = || {
+        http.post(api.url("/orders"))
+            .header("idempotency-key", "ts-1")
+            .json(&order_body("ts"))
+            .send()
+    };
+    let created: Value = post().await.unwrap().json().await.unwrap();
+    let replayed: Value = post().await.unwrap().json().await.unwrap();
+    let id = created["id"].as_str().unwrap();
+    let read = api.get_json(&format!("/orders/{id}")).await;
+    let event: Value =
+        sqlx::query_scalar("SELECT payload FROM outbox WHERE aggregate_id = $1::uuid")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let stamp = &read["created_at"];
+    for (what, value) in [
+        ("POST", &created["created_at"]),
+        ("replay", &replayed["created_at"]),
+        ("event", &event["data"]["created_at"]),
+    ] {
+        assert_eq!(
+            value, stamp,
+            "{what} says {value}, GET says {stamp}; event {event}"
+        );
+    }
+    api.stop().await.unwrap();
+}
+
+/// The Idempotency-Key header says what it accepts, and means it.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn an_idempotency_key_with_spaces_or_given_twice_is_refused(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let api = Service::api(pool.clone(), &amqp_url(), &topology.settings).await;
+    let http = Client::new();
+    let with_spaces = http
+        .post(api.url("/orders"))
+        .header("idempotency-key", "two words")
+        .json(&order_body("k"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_spaces.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let twice = http
+        .post(api.url("/orders"))
+        .header("idempotency-key", "one")
+        .header("idempotency-key", "two")
+        .json(&order_body("k"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(twice.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: Value = twice.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Idempotency-Key"),
+        "{body}"
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM orders").await, 0);
+    api.stop().await.unwrap();
+}

@@ -14,7 +14,7 @@
 //! because RabbitMQ then counts deliveries itself: after `x-delivery-limit`
 //! attempts a message is dead-lettered to `<queue>.dlq` instead of looping.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use lapin::{
     BasicProperties, Channel, ExchangeKind, PublisherConfirm,
     options::{
@@ -55,7 +55,7 @@ impl Event {
             event_type: event_type.to_owned(),
             aggregate_id,
             sequence,
-            occurred_at: Utc::now(),
+            occurred_at: Utc::now().trunc_subsecs(6), // as Postgres will store it
             data,
         }
     }

@@ -25,7 +25,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use lab_core::{Json, Path, Query, metrics::Metrics, openapi::ErrorBody};
 use lapin::{Channel, Connection, options::ConfirmSelectOptions};
 use prometheus_client::metrics::{counter::Counter, family::Family};
@@ -195,7 +195,9 @@ impl Orders {
         idempotency_key: Option<&str>,
     ) -> Result<(Order, bool)> {
         let total_cents = validate(&new)?;
-        let now = Utc::now();
+        // Postgres keeps microseconds: the answer, its replay and the event
+        // carry the time as stored, not the nanoseconds the clock gave.
+        let now = Utc::now().trunc_subsecs(6);
         let order = Order {
             id: Uuid::now_v7(),
             customer_id: new.customer_id.trim().to_owned(),
@@ -440,12 +442,20 @@ struct CreateParams {
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters, given
+/// once. Two keys on one request would leave it unclear which request this
+/// is a retry of, so that is refused rather than one silently chosen.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>> {
-    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
         return Ok(None);
     };
+    if values.next().is_some() {
+        return Err(invalid("Idempotency-Key", "must be given once"));
+    }
+    let visible = |key: &str| key.bytes().all(|b| b.is_ascii_graphic());
     match value.to_str() {
-        Ok(key) if (1..=255).contains(&key.len()) => Ok(Some(key)),
+        Ok(key) if (1..=255).contains(&key.len()) && visible(key) => Ok(Some(key)),
         _ => Err(invalid(
             "Idempotency-Key",
             "must be 1 to 255 visible ASCII characters",
