@@ -665,14 +665,19 @@ async fn bad_names_and_plain_http_are_refused_before_the_upgrade() {
         let response = reqwest::get(app.url(&format!("/ws?{query}")))
             .await
             .unwrap();
-        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{query}");
+        // A name that breaks the rule is invalid, 422, as in every lab.
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{query}"
+        );
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body["error"]["code"], "malformed", "{query}: {body}");
+        assert_eq!(body["error"]["code"], "invalid", "{query}: {body}");
     }
     let error = tokio_tungstenite::connect_async(app.ws_url("lobby", "a%20b"))
         .await
         .unwrap_err();
-    assert!(error.to_string().contains("400"), "{error}");
+    assert!(error.to_string().contains("422"), "{error}");
 
     // A good name but no upgrade: a plain GET is not a WebSocket.
     let response = reqwest::get(app.url("/ws?room=lobby&name=ada"))
@@ -683,7 +688,7 @@ async fn bad_names_and_plain_http_are_refused_before_the_upgrade() {
     let response = reqwest::get(app.url("/rooms/no%20such/messages"))
         .await
         .unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     // Not even UTF-8: still the lab's JSON error, as the document says.
     let response = reqwest::get(app.url("/rooms/%FF/messages")).await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);

@@ -61,9 +61,10 @@ pub fn routes(app: App) -> Router {
 /// the lab's JSON error body.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A room or member name that breaks the naming rule (400).
+    /// A room or member name that breaks the naming rule: 422, as an invalid
+    /// field is in every lab (the message names the field).
     #[error("{0}")]
-    Malformed(String),
+    InvalidName(String),
     /// A history `limit` outside 1–1000 (422).
     #[error("limit: must be 1–1000")]
     InvalidLimit,
@@ -81,7 +82,11 @@ pub enum Error {
 impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         match err {
-            Error::Malformed(message) => ApiError::malformed(message),
+            Error::InvalidName(message) => ApiError::new(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                message,
+            ),
             Error::InvalidLimit => ApiError::invalid("limit", "must be 1–1000"),
             Error::ShuttingDown => ApiError::unavailable(err.to_string()),
             Error::NotWebSocket(rejection) => {
@@ -100,7 +105,7 @@ impl IntoResponse for Error {
 
 /// A room or member name, checked.
 fn check_name(field: &str, value: &str) -> Result<(), Error> {
-    protocol::check_name(field, value).map_err(Error::Malformed)
+    protocol::check_name(field, value).map_err(Error::InvalidName)
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -136,9 +141,8 @@ struct JoinParams {
     get, path = "/ws", params(JoinParams),
     responses(
         (status = 101, description = "Switching Protocols: the connection is now a WebSocket"),
-        (status = 400, description = "A room or name that breaks the rule, or a request \
-            that is not a WebSocket upgrade (`not_websocket`)", body = ErrorBody),
-        (status = 422, description = "A query string that does not parse", body = ErrorBody),
+        (status = 400, description = "A request that is not a WebSocket upgrade (`not_websocket`)", body = ErrorBody),
+        (status = 422, description = "A room or name that breaks the rule, or a query string that does not parse", body = ErrorBody),
         (status = 426, description = "The connection cannot be upgraded (`not_websocket`)", body = ErrorBody),
         (status = 503, description = "The instance is shutting down; connect again", body = ErrorBody),
     )
@@ -217,8 +221,8 @@ struct History {
     ),
     responses(
         (status = 200, body = History),
-        (status = 400, description = "A room name that breaks the rule", body = ErrorBody),
-        (status = 422, description = "A `limit` outside 1–1000", body = ErrorBody),
+        (status = 400, description = "A room that is not UTF-8", body = ErrorBody),
+        (status = 422, description = "A room name that breaks the rule, or a `limit` outside 1–1000", body = ErrorBody),
         (status = 503, description = "Redis is down", body = ErrorBody),
     )
 )]
@@ -305,7 +309,7 @@ mod tests {
     #[test]
     fn each_error_keeps_its_status_and_code() {
         let cases = [
-            (Error::Malformed("room: bad".into()), 400, "malformed"),
+            (Error::InvalidName("room: bad".into()), 422, "invalid"),
             (Error::InvalidLimit, 422, "invalid"),
             (Error::ShuttingDown, 503, "unavailable"),
             (Error::Dependency(DependencyError::Bug), 500, "internal"),
