@@ -228,3 +228,37 @@ impl MqttClient {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.task).await;
     }
 }
+
+/// Whether the broker at `url` still keeps a session for `client_id`: a
+/// connection that asks to resume it (clean start off) and leaves none of
+/// its own behind (session expiry 0). Ends the session it finds.
+pub async fn session_kept(url: &str, client_id: &str) -> bool {
+    use rumqttc::v5::{Event, mqttbytes::v5::Packet};
+    let broker = telemetry::Broker::parse(url).unwrap();
+    let mut options = broker.v5_options(client_id);
+    options
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(0));
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 10);
+    let connack = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(connack))) => return connack,
+                Ok(_) => {}
+                Err(err) => panic!("probing {client_id}'s session: {err}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no ConnAck for {client_id} within 5 s"));
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while let Ok(event) = eventloop.poll().await {
+            if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
+    connack.session_present
+}

@@ -1304,3 +1304,101 @@ async fn the_openapi_document_describes_the_api_with_the_limits_it_enforces(pool
     assert_eq!(docs.status(), StatusCode::OK);
     app.stop().await.unwrap();
 }
+
+/// Two ingests of one share group on `broker`, the second under the first's
+/// client id with `-b`; topics unprefixed (the ACL knows `devices/…`).
+async fn two_ingests(pool: &PgPool, url: &str) -> (TelemetryApp, TelemetryApp) {
+    let mut settings = TelemetryApp::settings();
+    settings.topic_prefix = String::new();
+    let first = TelemetryApp::start(pool.clone(), settings.clone(), url).await;
+    let second = TelemetryApp::start(
+        pool.clone(),
+        telemetry::Settings {
+            client_id: format!("{}-b", settings.client_id),
+            ..settings
+        },
+        url,
+    )
+    .await;
+    (first, second)
+}
+
+async fn readings_stored(app: &TelemetryApp) -> u64 {
+    app.metric("telemetry_readings_stored_total").await
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn an_ingest_stopped_cleanly_leaves_the_share_group_and_the_survivor_stores_every_reading(
+    pool: PgPool,
+) {
+    const N: i64 = 40;
+    let broker = PrivateBroker::start().await;
+    let (survivor, stopped) = two_ingests(&pool, &broker.url("ingest")).await;
+    let stopped_id = stopped.settings.client_id.clone();
+    stopped.stop().await.unwrap(); // SIGTERM
+
+    let topics = survivor.topics();
+    let device = publish_readings(&broker.url("device"), &topics, "scaled-down", 1..=N).await;
+    readings_reach(&pool, N).await;
+    assert_eq!(
+        readings_stored(&survivor).await,
+        N as u64,
+        "all by the survivor"
+    );
+    let view = survivor.get_json("/ingest").await;
+    assert_eq!(
+        view["received"], N,
+        "GET /ingest shows this instance's share"
+    );
+    assert!(
+        !workshop::mqtt::session_kept(&broker.url("ingest"), &stopped_id).await,
+        "the broker keeps no session (and so queues nothing) for the stopped ingest"
+    );
+    device.disconnect().await;
+    survivor.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_killed_ingest_that_returns_within_the_expiry_gets_its_share_and_each_reading_is_stored_once(
+    pool: PgPool,
+) {
+    const N: i64 = 40;
+    let broker = PrivateBroker::start().await;
+    let url = broker.url("ingest");
+    let (survivor, killed) = two_ingests(&pool, &url).await;
+    let settings = killed.settings.clone();
+    killed.kill(); // kill -9: no DISCONNECT, the session stays
+
+    let topics = survivor.topics();
+    let device = publish_readings(&broker.url("device"), &topics, "crashed", 1..=N).await;
+    eventually("the survivor stored its share", WAIT, || async {
+        (readings_stored(&survivor).await > 0).then_some(())
+    })
+    .await;
+    let returned = TelemetryApp::start(pool.clone(), settings.clone(), &url).await;
+    readings_reach(&pool, N).await;
+    let (a, b) = (
+        readings_stored(&survivor).await,
+        readings_stored(&returned).await,
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM readings").await, N);
+    assert_eq!(a + b, N as u64, "each reading stored once: {a} + {b}");
+    eprintln!("measured: survivor stored {a}, the returned instance {b} (its session held them)");
+    assert!(b > 0, "the returned instance got what its session held");
+    device.disconnect().await;
+    survivor.stop().await.unwrap();
+    returned.stop().await.unwrap();
+    assert!(!workshop::mqtt::session_kept(&url, &settings.client_id).await);
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn an_ingest_under_its_own_client_id_leaves_no_session_on_the_shared_broker(pool: PgPool) {
+    let settings = TelemetryApp::settings();
+    let app = TelemetryApp::start(pool, settings.clone(), &mqtt_url()).await;
+    app.stop().await.unwrap();
+    assert!(
+        !workshop::mqtt::session_kept(&mqtt_url(), &settings.client_id).await,
+        "a session (and its queue) left behind under {}",
+        settings.client_id
+    );
+}

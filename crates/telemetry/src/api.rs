@@ -482,6 +482,11 @@ struct IngestView {
     qos0_inbox: u64,
     /// QoS 0 messages dropped because the inbox was full.
     shed: u64,
+    /// Readings this instance received from the broker: its share of the
+    /// stream (each instance of a share group answers for itself).
+    received: u64,
+    /// Readings this instance stored (new rows; redeliveries not counted).
+    stored: u64,
 }
 
 impl App {
@@ -493,6 +498,8 @@ impl App {
             inbox: self.stats.inbox.waiting(),
             qos0_inbox: self.settings.qos0_inbox,
             shed: self.stats.inbox.shed.get(),
+            received: self.stats.received_readings(),
+            stored: self.stats.stored.get(),
         }
     }
 }

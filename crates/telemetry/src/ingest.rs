@@ -37,8 +37,22 @@
 //! is harmless, and a resumed session may hold the subscriptions of another
 //! configuration (seen here: a session kept from a run with a topic prefix
 //! left one instance deaf to the unprefixed topics).
+//!
+//! **A clean stop leaves the share group; a crash keeps the session.** A
+//! kept session stays a member of `$share/…` and is handed its share of
+//! the stream, queued, while the instance is away: an ingest stopped with
+//! SIGTERM held every other reading until it returned or its session
+//! expired (20 of 40 in the test). So on shutdown the client unsubscribes,
+//! the batcher stores what arrived before the UNSUBACK, and the client
+//! disconnects and ends the session ([`leave`]), unless something taken
+//! was not stored, which the kept session holds for this client id's
+//! return. A crash sends no DISCONNECT: the session, with its share, is
+//! kept for `INGEST_SESSION_EXPIRY_SECS` and delivered when the instance
+//! returns under the same client id. Rejected: session expiry 0 at
+//! connect (a crash would lose the batch in hand) and keeping the session
+//! on a clean stop (the bug).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
 
 use chrono::{DateTime, Utc};
 use rumqttc::v5::{
@@ -101,18 +115,26 @@ fn filters(app: &App) -> Vec<Filter> {
     ]
 }
 
-/// Polls the MQTT event loop until `stop`, then disconnects (the broker
-/// keeps the session, and queues for it, until it expires).
+/// Polls the MQTT event loop until `stop`. On shutdown it first leaves the
+/// share group (unsubscribes, and fires `unsubscribed` once the broker
+/// confirms, or the connection is gone), so the batcher's last batch is the
+/// last that arrives; then [`leave`] ends the session.
 pub(crate) async fn run_client(
     app: App,
     mut eventloop: EventLoop,
     inbox: inbox::Sender,
+    unsubscribed: CancellationToken,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut backoff = Backoff::reconnect();
+    let mut leaving = Leaving::default();
     loop {
         let event = tokio::select! {
             event = eventloop.poll() => event,
+            () = app.shutdown.cancelled(), if !leaving.started => {
+                leaving.start(&app, &unsubscribed);
+                continue;
+            }
             () = stop.cancelled() => break,
         };
         match event {
@@ -125,10 +147,13 @@ pub(crate) async fn run_client(
                 // batcher's acks. The inbox never waits; see `inbox` for
                 // what bounds it at each QoS.
                 if app.take(&inbox, publish) == Offered::Closed {
-                    break; // the batcher has stopped
+                    // The batcher has stopped: this one is not stored.
+                    app.keep_session.store(true, Ordering::SeqCst);
+                    break;
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(suback))) => app.subscribed(&suback.return_codes),
+            Ok(Event::Incoming(Packet::UnsubAck(_))) => leaving.unsubscribed(&unsubscribed),
             Ok(_) => {}
             Err(err) => {
                 app.connection_lost(&mut eventloop, &inbox);
@@ -137,6 +162,10 @@ pub(crate) async fn run_client(
                     tracing::warn!("{message}");
                 }
                 app.set_mqtt_up(false, Some(message));
+                // Nothing more arrives on a connection that is gone.
+                if leaving.started {
+                    unsubscribed.cancel();
+                }
                 tokio::select! {
                     () = tokio::time::sleep(backoff.next_delay()) => {}
                     () = stop.cancelled() => break,
@@ -144,7 +173,63 @@ pub(crate) async fn run_client(
             }
         }
     }
-    if app.mqtt_up() {
+    leave(&app, &mut eventloop).await;
+    Ok(())
+}
+
+/// Leaving the share group on shutdown: the unsubscriptions sent, and how
+/// many the broker has confirmed.
+#[derive(Default)]
+struct Leaving {
+    started: bool,
+    sent: usize,
+    confirmed: usize,
+}
+
+impl Leaving {
+    /// Unsubscribes from every filter (from a task of its own: the request
+    /// channel is drained by the event loop). Not connected, nothing more
+    /// arrives: `unsubscribed` at once. An UnsubAck that never comes is
+    /// waited for 5 s at most.
+    fn start(&mut self, app: &App, unsubscribed: &CancellationToken) {
+        self.started = true;
+        let filters: Vec<String> = filters(app).into_iter().map(|f| f.path).collect();
+        self.sent = filters.len();
+        if !app.mqtt_up() {
+            unsubscribed.cancel();
+            return;
+        }
+        let (client, unsubscribed) = (app.client.clone(), unsubscribed.clone());
+        tokio::spawn(async move {
+            for filter in filters {
+                if client.unsubscribe(filter).await.is_err() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            unsubscribed.cancel();
+        });
+    }
+
+    fn unsubscribed(&mut self, unsubscribed: &CancellationToken) {
+        self.confirmed += 1;
+        if self.started && self.confirmed >= self.sent {
+            unsubscribed.cancel();
+        }
+    }
+}
+
+/// The last step of a clean stop. Connected: DISCONNECT, then, when every
+/// reading taken was stored, the session is ended, so the broker keeps no
+/// queue (and no share) for an instance that is gone. rumqttc 0.25 sends
+/// its DISCONNECT without properties (no session expiry 0), so the session
+/// is ended by a second connection under the same client id with clean
+/// start on and session expiry 0. Something taken and not stored (Postgres
+/// down): the session stays, out of the group, holding only those
+/// unacknowledged readings for this client id's return.
+async fn leave(app: &App, eventloop: &mut EventLoop) {
+    let connected = app.mqtt_up();
+    if connected {
         let _ = app.client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             while let Ok(event) = eventloop.poll().await {
@@ -158,14 +243,52 @@ pub(crate) async fn run_client(
     // No connection any more: an ack still being retried gives up.
     *app.connection.lock().expect("connection lock") += 1;
     app.set_mqtt_up(false, Some("stopped".into()));
-    Ok(())
+    if !connected {
+        tracing::warn!(
+            expiry_secs = app.settings.session_expiry_secs,
+            "stopped while not connected: the broker keeps the session, and its share, until it expires"
+        );
+    } else if app.keep_session.load(Ordering::SeqCst) {
+        tracing::warn!(
+            expiry_secs = app.settings.session_expiry_secs,
+            "readings taken but not stored: the session is kept for them"
+        );
+    } else if let Err(err) = end_session(&app.broker, &app.settings.client_id).await {
+        tracing::warn!(%err, "could not end the session; the broker keeps it until it expires");
+    } else {
+        tracing::info!("left the share group; session ended");
+    }
 }
 
-/// Collects publishes into batches and stores them until `stop`; then
-/// stores what is already in the inbox and returns.
+/// Connects as `client_id` with clean start on (the broker discards the
+/// session it kept) and session expiry 0 (none is kept after this one).
+pub async fn end_session(broker: &Broker, client_id: &str) -> anyhow::Result<()> {
+    let mut options = broker.v5_options(client_id);
+    options
+        .set_clean_start(true)
+        .set_session_expiry_interval(Some(0));
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await? {
+                Event::Incoming(Packet::ConnAck(_)) => client.try_disconnect()?,
+                Event::Outgoing(rumqttc::Outgoing::Disconnect) => return Ok(()),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer within 5 s"))?
+}
+
+/// Collects publishes into batches and stores them until `unsubscribed`
+/// (nothing more arrives); then stores what is already in the inbox and
+/// returns. A batch Postgres refuses after `stop` is given up, not
+/// acknowledged, and the session kept for it.
 pub(crate) async fn run_batcher(
     app: App,
     mut inbox: inbox::Receiver,
+    unsubscribed: CancellationToken,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let size = app.settings.batch_size.max(1);
@@ -173,7 +296,7 @@ pub(crate) async fn run_batcher(
     loop {
         let first = tokio::select! {
             first = inbox.recv() => first,
-            () = stop.cancelled() => None,
+            () = unsubscribed.cancelled() => None,
         };
         let Some(first) = first else { break };
         let mut batch = vec![first];
@@ -185,7 +308,7 @@ pub(crate) async fn run_batcher(
                     None => break,
                 },
                 () = tokio::time::sleep_until(deadline) => break,
-                () = stop.cancelled() => break,
+                () = unsubscribed.cancelled() => break,
             }
         }
         app.store(batch, &stop).await;
@@ -293,6 +416,9 @@ impl App {
         );
         self.stats
             .connected(if session_present { "resumed" } else { "new" });
+        if self.shutdown.is_cancelled() {
+            return; // leaving the share group: not joining it again
+        }
         // Not from inside the event loop: a full request channel would wait
         // for the very loop that drains it.
         let (client, filters) = (self.client.clone(), filters(self));
@@ -409,8 +535,12 @@ impl App {
                     }
                     tokio::select! {
                         () = tokio::time::sleep(backoff.next_delay()) => {}
-                        // Unacknowledged: the broker sends it again later.
-                        () = stop.cancelled() => return,
+                        // Unacknowledged: the broker sends it again later,
+                        // to this client id, so its session is kept.
+                        () = stop.cancelled() => {
+                            self.keep_session.store(true, Ordering::SeqCst);
+                            return;
+                        }
                     }
                 }
             }

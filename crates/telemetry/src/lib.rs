@@ -14,7 +14,9 @@
 //!   when a device connects and the broker says `offline` for it when it
 //!   vanishes without a goodbye ([`device`]).
 //! - **Shared subscriptions** (`$share/ingest/…`): several ingest instances
-//!   split the stream between them.
+//!   split the stream between them; one stopped cleanly leaves the group
+//!   and ends its session, one that crashed keeps its share for its return
+//!   ([`ingest`]).
 //! - **Commands back** to a device on `devices/{id}/commands`, acknowledged
 //!   on `devices/{id}/acks` by that device only; **alerts** on `alerts/{id}`.
 //! - **Untrusted topics**: the device id in a topic is checked like one in
@@ -130,12 +132,16 @@ pub struct Settings {
         default_value_t = 200
     )]
     pub batch_interval_ms: u64,
-    /// How long the broker keeps the ingest's session (and queues for it) while it is away.
+    /// How long the broker keeps the ingest's session (and queues its share
+    /// for it) after a crash. A clean stop ends the session at once. Five
+    /// minutes: longer than a restart takes (compose's restart, Kubernetes'
+    /// longest crash-loop back-off), short enough that the share of an
+    /// instance that never returns waits minutes, not an hour.
     #[arg(
         id = "ingest_session_expiry_secs",
         long = "ingest-session-expiry-secs",
         env = "INGEST_SESSION_EXPIRY_SECS",
-        default_value_t = 3600
+        default_value_t = 300
     )]
     pub session_expiry_secs: u32,
     /// Rejected payloads older than this are deleted (by every ingest
@@ -301,6 +307,15 @@ impl Stats {
             .inc();
     }
 
+    /// Readings (telemetry publishes) received by this instance.
+    fn received_readings(&self) -> u64 {
+        self.received
+            .get_or_create(&KindLabel {
+                kind: "telemetry".into(),
+            })
+            .get()
+    }
+
     fn received(&self, kind: &str) {
         self.received
             .get_or_create(&KindLabel { kind: kind.into() })
@@ -319,6 +334,9 @@ pub struct Inner {
     broker: Broker,
     topics: Topics,
     mqtt_up: AtomicBool,
+    /// Something taken from the broker was not stored: on a clean stop the
+    /// session is kept (not ended) so that it is sent again.
+    keep_session: AtomicBool,
     /// The broker connection messages arrive on now: a number the client
     /// task raises each time a connection ends. Held while an ack is queued,
     /// so that no ack for one connection is queued once the next has begun
@@ -396,6 +414,7 @@ pub async fn serve(
         client,
         broker,
         mqtt_up: AtomicBool::new(false),
+        keep_session: AtomicBool::new(false),
         connection: Mutex::new(0),
         mqtt_error: Mutex::new(Some("not connected yet".into())),
         stats: Stats::new(&metrics),
@@ -405,13 +424,17 @@ pub async fn serve(
     let dependencies = vec![lab_core::postgres::dependency(pool), app.mosquitto()];
     let router = lab_core::http::service_router(api::routes(app.clone()), dependencies, metrics);
 
-    // The client outlives the batcher, so the last batch's acks go out.
+    // On shutdown the client leaves the share group first (`unsubscribed`),
+    // then the batcher stores what came, and the client outlives it, so the
+    // last batch's acks go out.
+    let unsubscribed = CancellationToken::new();
     let client_stop = CancellationToken::new();
     let http = lab_core::http::serve(listener, router, shutdown.clone());
     let batcher = {
         let (app, client_stop, shutdown) = (app.clone(), client_stop.clone(), shutdown.clone());
+        let unsubscribed = unsubscribed.clone();
         async move {
-            let result = ingest::run_batcher(app, inbox, shutdown).await;
+            let result = ingest::run_batcher(app, inbox, unsubscribed, shutdown).await;
             // Let the acks queued by the last batch reach the event loop.
             tokio::time::sleep(Duration::from_millis(100)).await;
             client_stop.cancel();
@@ -428,6 +451,7 @@ pub async fn serve(
                     app.clone(),
                     eventloop,
                     inbox_tx,
+                    unsubscribed,
                     client_stop,
                 )),
             ),

@@ -149,8 +149,8 @@ function axes(ctx, { width, height, pad, lo, hi, from, to }) {
 
 function showIngest(ingest) {
   const line = document.getElementById("ingest");
-  line.textContent = `ingest ${ingest.client_id} · QoS ${ingest.qos} · inbox ${ingest.inbox} · shed ${ingest.shed}`;
-  line.title = "shed: QoS 0 readings dropped because the inbox was full (Postgres slow or down)";
+  line.textContent = `ingest ${ingest.client_id} · QoS ${ingest.qos} · received ${ingest.received} · stored ${ingest.stored} · inbox ${ingest.inbox} · shed ${ingest.shed}`;
+  line.title = "received: this instance's share of the readings (each ingest of the group shows its own); shed: QoS 0 readings dropped because the inbox was full (Postgres slow or down)";
   line.className = ingest.shed > 0 ? "shedding" : "";
 }
 
