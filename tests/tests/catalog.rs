@@ -999,3 +999,55 @@ async fn the_openapi_document_carries_the_real_limits_and_statuses(pool: PgPool)
     assert_eq!(new["tags"]["maxItems"], 20, "{new}");
     app.stop().await.unwrap();
 }
+
+/// Any label a client controls is bounded on the gRPC port too: a thousand
+/// made-up paths share one series.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn made_up_grpc_paths_add_no_metric_series(pool: PgPool) {
+    let app = CatalogApp::start(pool).await;
+    let series = || async {
+        let text = app
+            .http
+            .get(format!("http://{}/metrics", app.addr))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines().filter(|l| !l.starts_with('#')).count()
+    };
+    // One of each kind first, so each kind's own series exist.
+    for path in [
+        "/zz/first",
+        "/zzfirst",
+        "/lab.catalog.v1.CatalogService/ZzFirst",
+    ] {
+        raw_grpc_path(&app, path).await;
+    }
+    series().await; // the scrape's own series, once
+    let before = series().await;
+    for i in 0..200 {
+        raw_grpc_path(&app, &format!("/zz{i}")).await;
+        raw_grpc_path(&app, &format!("/lab.catalog.v1.CatalogService/Zz{i}")).await;
+    }
+    let after = series().await;
+    assert!(
+        after - before < 10,
+        "{before} series before, {after} after 400 made-up paths"
+    );
+    app.stop().await.unwrap();
+}
+
+async fn raw_grpc_path(app: &CatalogApp, path: &str) {
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let _ = client
+        .post(format!("http://{}{path}", app.grpc_addr))
+        .header("content-type", "application/grpc")
+        .body(vec![0u8, 0, 0, 0, 0])
+        .send()
+        .await;
+}

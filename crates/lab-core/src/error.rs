@@ -281,12 +281,23 @@ where
             })?;
         let axum::Json(value) = axum::Json::<T>::from_bytes(&bytes)?;
         // serde reads a struct from a JSON array too, by position
-        // (`["MUG-1","Mug",...]`): a request body is an object, or refused.
-        if bytes.trim_ascii_start().first() != Some(&b'{') {
+        // (`["MUG-1","Mug",...]`, or `"items":[["SKU-1",1,100]]` one level
+        // down): a request body is an object, and since no lab's schema has
+        // a tuple, an array inside an array is a struct sent by position.
+        let shape: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|err| ApiError::malformed(err.to_string()))?;
+        if !shape.is_object() {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid",
                 "the body must be a JSON object",
+            ));
+        }
+        if has_array_in_array(&shape) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                "an array where an object belongs: send objects with named fields",
             ));
         }
         Ok(Self(value))
@@ -296,6 +307,17 @@ where
 impl<T: Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
+    }
+}
+
+fn has_array_in_array(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Array(items) => items
+            .iter()
+            .any(|item| item.is_array() || has_array_in_array(item)),
+        Value::Object(fields) => fields.values().any(has_array_in_array),
+        _ => false,
     }
 }
 
@@ -372,6 +394,44 @@ mod tests {
         assert!(body.contains("must be a JSON object"), "{body}");
         let (status, _) = post("application/json", r#" {"sku":"MUG-1","price_cents":100}"#).await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct Order {
+        customer_id: String,
+        items: Vec<Item>,
+    }
+
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct Item {
+        sku: String,
+        quantity: i64,
+    }
+
+    /// The same by position, one level down: `[["SKU-1", 1]]` for a list of
+    /// item objects.
+    #[tokio::test]
+    async fn a_json_array_is_refused_where_a_nested_object_is_expected() {
+        let router = Router::new().route(
+            "/",
+            routing::post(|Json(_): Json<Order>| async { "created" }),
+        );
+        let send = |body: &'static str| {
+            let router = router.clone();
+            async move {
+                let request = Request::post("/")
+                    .header("content-type", "application/json")
+                    .body(Body::from(body))
+                    .unwrap();
+                router.oneshot(request).await.unwrap().status()
+            }
+        };
+        let nested = send(r#"{"customer_id":"c","items":[["SKU-1",1]]}"#).await;
+        assert_eq!(nested, StatusCode::UNPROCESSABLE_ENTITY);
+        let fine = send(r#"{"customer_id":"c","items":[{"sku":"SKU-1","quantity":1}]}"#).await;
+        assert_eq!(fine, StatusCode::OK);
     }
 
     /// The other rejections keep their statuses and codes.

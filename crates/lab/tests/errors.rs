@@ -147,6 +147,15 @@ fn cases(lab: &str) -> Vec<Case> {
             let mut c = common("/orders");
             c.extend([
                 (
+                    "an array for a nested object",
+                    post.clone(),
+                    "/orders",
+                    json,
+                    r#"{"customer_id":"c","items":[["SKU-1",1,100]]}"#,
+                    422,
+                    "invalid",
+                ),
+                (
                     "an id that is not a UUID",
                     get.clone(),
                     "/orders/not-a-uuid",
