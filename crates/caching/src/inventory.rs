@@ -70,15 +70,18 @@ pub struct Reserve {
     quantity: i64,
 }
 
-/// Sets KEYS[1] to "version:quantity" unless it already holds a version at
-/// least as new. Returns 1 when it wrote.
+/// Sets KEYS[1] to "version:quantity" for ARGV[3] seconds unless it already
+/// holds a version at least as new. Returns 1 when it wrote. The TTL is the
+/// last bound on a wrong copy: one that nothing recorded for repair (Postgres
+/// was down when the write failed, and the process restarted before it came
+/// back) is gone within it.
 const SET_IF_NEWER: &str = r"
 local current = redis.call('GET', KEYS[1])
 if current then
   local version = tonumber(string.match(current, '^(%d+):'))
   if version and version >= tonumber(ARGV[1]) then return 0 end
 end
-redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'EX', ARGV[3])
 return 1
 ";
 
@@ -105,6 +108,7 @@ async fn cache_set(app: &App, stock: &Stock) -> redis::RedisResult<()> {
         .key(key(app, &stock.sku))
         .arg(stock.version)
         .arg(stock.quantity)
+        .arg(crate::jittered_ttl(app.settings.ttl_secs))
         .invoke_async::<i64>(&mut conn)
         .await
         .map(|_| ())
@@ -286,6 +290,7 @@ pub(crate) async fn repair(app: &App, sku: &str) -> anyhow::Result<()> {
         .key(key(app, sku))
         .arg(version)
         .arg(quantity)
+        .arg(crate::jittered_ttl(app.settings.ttl_secs))
         .invoke_async::<i64>(&mut conn)
         .await?;
     sqlx::query("DELETE FROM inventory_cache_repairs WHERE sku = $1")
@@ -311,7 +316,8 @@ const TOMBSTONE: &str = "-";
 )]
 pub async fn get(State(app): State<App>, Path(sku): Path<String>) -> Result<Response> {
     validate_sku(&sku)?;
-    if app.is_stale(&key(&app, &sku)) {
+    let repairs_known = app.repairs_known.load(std::sync::atomic::Ordering::SeqCst);
+    if !repairs_known || app.is_stale(&key(&app, &sku)) {
         app.stats.bypasses.inc();
         let stock = load(&app, &sku, false).await?;
         return Ok(respond(&sku, stock, "bypass"));

@@ -22,7 +22,10 @@ pub mod views;
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -179,6 +182,10 @@ pub struct App {
     pub(crate) flights: Arc<Mutex<HashMap<uuid::Uuid, (u64, profiles::Flight)>>>,
     /// Cache-aside keys whose invalidation failed while Redis was down.
     pub(crate) stale: Arc<Mutex<HashSet<String>>>,
+    /// Whether this process has read the inventory keys recorded for repair
+    /// (by it or a process before it). Until then no inventory read trusts
+    /// Redis: any key might be one of them.
+    pub(crate) repairs_known: Arc<AtomicBool>,
 }
 
 impl App {
@@ -197,6 +204,7 @@ impl App {
             stats: Arc::new(stats::Stats::new(metrics)),
             flights: Arc::default(),
             stale: Arc::default(),
+            repairs_known: Arc::default(),
         }
     }
 
@@ -394,6 +402,7 @@ async fn remember_recorded_repairs(app: &App) {
         for sku in skus {
             app.mark_stale(app.key(&format!("stock:{sku}")));
         }
+        app.repairs_known.store(true, Ordering::SeqCst);
     }
 }
 
