@@ -237,10 +237,12 @@ pub fn parse_id(id: &str) -> Result<Uuid> {
 /// Paging by id alone skips rows: ids (UUID v7) are taken before the INSERT
 /// commits, so a lower id can commit after a higher one was served, behind
 /// the reader. The same hazard as an outbox relay that reads `id >
-/// last_seen`. Carrying the first page's snapshot makes the listing one
-/// consistent read: a product is served when its creating transaction had
-/// committed at the first page, exactly once, and one created later is not
-/// served at all (list again to see it).
+/// last_seen`. Carrying the first page's snapshot fixes which products the
+/// listing serves: those whose creating transaction had committed at the
+/// first page, each exactly once (unless deleted before its page is read);
+/// one created later is not served at all (list again to see it). Values
+/// are read as each page is: this is a fixed membership, not a snapshot of
+/// the rows' contents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     pub after: Uuid,
