@@ -1402,3 +1402,108 @@ async fn an_ingest_under_its_own_client_id_leaves_no_session_on_the_shared_broke
         settings.client_id
     );
 }
+
+/// Makes this test's database refuse, as Postgres refuses a row it cannot
+/// keep, what validation lets through: reading `seq` of `device` (a check
+/// violation, class 23) and any devices row for `dead` (class 22).
+async fn refuse_in_postgres(pool: &PgPool, device: &str, seq: i64, dead: &str) {
+    // The ids are the test's own (letters, digits, `-`).
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE FUNCTION poison_reading() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.device_id = '{device}' AND NEW.seq = {seq} THEN \
+             RAISE EXCEPTION 'poison reading' USING ERRCODE = 'check_violation'; \
+           END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER poison_reading BEFORE INSERT ON readings \
+           FOR EACH ROW EXECUTE FUNCTION poison_reading(); \
+         CREATE FUNCTION poison_device() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.id = '{dead}' THEN \
+             RAISE EXCEPTION 'poison device' USING ERRCODE = 'string_data_right_truncation'; \
+           END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER poison_device BEFORE INSERT ON devices \
+           FOR EACH ROW EXECUTE FUNCTION poison_device();"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// The rejects kept for `topic`, by their reasons.
+async fn reasons_for(pool: &PgPool, topic: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT reason FROM rejects WHERE topic = $1 ORDER BY id")
+        .bind(topic)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_reading_postgres_refuses_goes_to_rejects_and_the_rest_are_stored_and_acknowledged(
+    pool: PgPool,
+) {
+    let (id, dead) = (device_id("poison"), device_id("dead"));
+    refuse_in_postgres(&pool, &id, 5, &dead).await;
+    let settings = TelemetryApp::settings();
+    let app = TelemetryApp::start(pool.clone(), settings.clone(), &mqtt_url()).await;
+    let topics = app.topics();
+    // Seq 5 travels in a batch with the readings around it, and a retained
+    // status Postgres refuses too.
+    let client = publish_readings(&mqtt_url(), &topics, &id, 1..=10).await;
+    let status = topics.status(&dead);
+    client
+        .client
+        .publish(&status, QoS::AtLeastOnce, true, b"online".to_vec())
+        .await
+        .unwrap();
+    readings_reach(&pool, 9).await;
+    eventually("the poison reading and status in rejects", WAIT, || async {
+        let refused = reasons_for(&pool, &topics.telemetry(&id)).await;
+        let status = reasons_for(&pool, &status).await;
+        (!refused.is_empty() && !status.is_empty()).then_some(())
+    })
+    .await;
+    let refused = reasons_for(&pool, &topics.telemetry(&id)).await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].contains("poison reading"), "{refused:?}");
+    assert!(reasons_for(&pool, &status).await[0].contains("poison device"));
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM readings ORDER BY seq")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(seqs, [1, 2, 3, 4, 6, 7, 8, 9, 10]);
+
+    // Later readings keep flowing.
+    for seq in 11..=20 {
+        client
+            .publish(
+                &topics.telemetry(&id),
+                reading(&id, seq, 20.0),
+                QoS::AtLeastOnce,
+            )
+            .await;
+    }
+    readings_reach(&pool, 19).await;
+
+    // Acknowledged, the poison one too: killed (its session kept) and back
+    // under its client id, the ingest is sent nothing again. The broker
+    // resends unacknowledged messages before newer ones, so once a marker
+    // published now is stored, any redelivery would have been received.
+    app.kill();
+    let app = TelemetryApp::start(pool.clone(), settings, &mqtt_url()).await;
+    client
+        .publish(
+            &topics.telemetry(&id),
+            reading(&id, 21, 20.0),
+            QoS::AtLeastOnce,
+        )
+        .await;
+    readings_reach(&pool, 20).await;
+    assert_eq!(telemetry_received(&app).await, 1, "only the marker arrived");
+    assert_eq!(reasons_for(&pool, &topics.telemetry(&id)).await.len(), 1);
+    client
+        .client
+        .publish(&status, QoS::AtLeastOnce, true, Vec::new())
+        .await
+        .unwrap();
+    client.disconnect().await;
+    app.stop().await.unwrap();
+}

@@ -28,6 +28,19 @@
 //! connection (the bug), and routing acks through the client task's
 //! `select!`, which would cancel `EventLoop::poll` mid-write.
 //!
+//! **Postgres down is retried; Postgres refusing the data is not.** A
+//! batch that fails because Postgres is unreachable is retried, with
+//! backoff, and acknowledged once stored. One it refuses for what it holds
+//! (SQLSTATE classes 22, 23 and 54: [`is_refused`]) would be refused on
+//! every retry, and every later reading would queue behind it (a device id
+//! of 3,000 random characters did that, before ids were checked). So such a
+//! batch is split in halves, down to the message Postgres refuses, which
+//! becomes a reject with Postgres's reason; the rest is stored and the
+//! whole batch acknowledged. Statuses and acks are split the same way.
+//! Rejected: one row at a time from the start (a transaction per message
+//! in the common case), and skipping the whole batch (losing the good
+//! readings in it).
+//!
 //! The session is persistent (clean start off, a session expiry): while the
 //! ingest is away the broker queues its QoS 1 messages. When the broker has
 //! no session for it (first start, or a broker that lost its state), the
@@ -515,42 +528,30 @@ impl App {
         }
     }
 
-    /// Stores a batch (retrying while Postgres is down), then acknowledges
-    /// it to the broker, then publishes the alerts it raised.
+    /// Stores a batch (retrying while Postgres is down, splitting it where
+    /// Postgres refuses part of it), then acknowledges it to the broker,
+    /// then publishes the alerts it raised.
     async fn store(&self, batch: Vec<Delivery>, stop: &CancellationToken) {
         let decoded = decode(self, &batch);
-        let mut backoff = Backoff::reconnect();
-        let Written {
+        let accepted = decoded.accepted as u64;
+        let Some(Written {
             stored,
             alerts,
             foreign_acks,
-        } = loop {
-            match self.write(&decoded).await {
-                Ok(written) => break written,
-                Err(err) => {
-                    if lab_core::postgres::is_unavailable(&err) {
-                        tracing::warn!("{}", lab_core::postgres::describe(&self.pool, &err));
-                    } else {
-                        tracing::error!(%err, "storing a batch failed; retrying");
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff.next_delay()) => {}
-                        // Unacknowledged: the broker sends it again later,
-                        // to this client id, so its session is kept.
-                        () = stop.cancelled() => {
-                            self.keep_session.store(true, Ordering::SeqCst);
-                            return;
-                        }
-                    }
-                }
-            }
+            refused_readings,
+        }) = self.write_all(decoded, stop).await
+        else {
+            // Unacknowledged: the broker sends it again later, to this
+            // client id, so its session is kept.
+            self.keep_session.store(true, Ordering::SeqCst);
+            return;
         };
         self.stats.batches.inc();
         self.stats.rejected.inc_by(foreign_acks);
         self.stats.stored.inc_by(stored);
         self.stats
             .duplicates
-            .inc_by(decoded.accepted as u64 - stored);
+            .inc_by(accepted.saturating_sub(stored + refused_readings));
         self.acknowledge(&batch).await;
         for alert in alerts {
             self.stats.alerts.inc();
@@ -564,6 +565,79 @@ impl App {
             {
                 tracing::warn!(%err, "alert stored but not published");
             }
+        }
+    }
+
+    /// Writes `decoded`, in parts if need be. Postgres down (or any error
+    /// that is not about the data): the part is retried, with backoff, until
+    /// `stop` (then `None`). Postgres refusing the data ([`is_refused`]):
+    /// the part is split in two, down to the one message it refuses, which
+    /// becomes a reject with Postgres's reason; the rest is stored.
+    async fn write_all(&self, decoded: Decoded, stop: &CancellationToken) -> Option<Written> {
+        let mut total = Written::default();
+        let mut pending = vec![decoded];
+        let mut backoff = Backoff::reconnect();
+        while let Some(part) = pending.pop() {
+            match self.write(&part).await {
+                Ok(written) => total.add(written),
+                Err(err) if is_refused(&err) => self.split(part, &err, &mut pending, &mut total),
+                Err(err) => {
+                    if lab_core::postgres::is_unavailable(&err) {
+                        tracing::warn!("{}", lab_core::postgres::describe(&self.pool, &err));
+                    } else {
+                        tracing::error!(%err, "storing a batch failed; retrying");
+                    }
+                    pending.push(part);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                        () = stop.cancelled() => return None,
+                    }
+                }
+            }
+        }
+        Some(total)
+    }
+
+    /// A part Postgres refused: its halves go back to `pending`, or, for
+    /// one message, a reject in its place. A reject Postgres refuses is
+    /// logged and dropped: nothing is left to split.
+    fn split(
+        &self,
+        part: Decoded,
+        err: &sqlx::Error,
+        pending: &mut Vec<Decoded>,
+        total: &mut Written,
+    ) {
+        if part.len() > 1 {
+            let (front, back) = part.halves();
+            pending.push(back);
+            pending.push(front);
+            return;
+        }
+        let Some(unit) = part.into_units().pop() else {
+            return;
+        };
+        let reason = match err {
+            sqlx::Error::Database(db) => format!(
+                "Postgres refused it: {} (SQLSTATE {})",
+                db.message(),
+                db.code().unwrap_or_default()
+            ),
+            _ => format!("Postgres refused it: {err}"),
+        };
+        if matches!(unit, Unit::Reading(_)) {
+            total.refused_readings += 1;
+        }
+        match unit.into_reject(&self.topics, &reason) {
+            Some(reject) => {
+                tracing::warn!(topic = %reject.topic, %reason, "rejected by Postgres");
+                self.stats.rejected.inc();
+                pending.push(Decoded {
+                    rejects: vec![reject],
+                    ..Decoded::default()
+                });
+            }
+            None => tracing::error!(%reason, "a reject was refused by Postgres; dropped"),
         }
     }
 
@@ -582,6 +656,7 @@ impl App {
             stored,
             alerts,
             foreign_acks: foreign.len() as u64,
+            refused_readings: 0,
         })
     }
 
@@ -716,13 +791,109 @@ fn completed_runs(
         .collect()
 }
 
-/// What one batch's transaction did.
+/// What one batch's transactions did.
+#[derive(Default)]
 struct Written {
     /// Readings that were new (the rest were redeliveries).
     stored: u64,
     alerts: Vec<Alert>,
     /// Acks that named another device's command, kept as rejects.
     foreign_acks: u64,
+    /// Readings Postgres refused, kept as rejects.
+    refused_readings: u64,
+}
+
+impl Written {
+    fn add(&mut self, other: Written) {
+        self.stored += other.stored;
+        self.alerts.extend(other.alerts);
+        self.foreign_acks += other.foreign_acks;
+        self.refused_readings += other.refused_readings;
+    }
+}
+
+/// What Postgres refuses because of the data itself, and would refuse again
+/// however often it were sent: data exceptions (SQLSTATE class 22),
+/// integrity violations (23), and limits exceeded (54: a B-tree entry over
+/// ~2,700 bytes). Retried, such a batch would stall the stream for good.
+fn is_refused(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db)
+        if db.code().is_some_and(|code| ["22", "23", "54"].iter().any(|class| code.starts_with(class))))
+}
+
+/// One message of a batch, as decoded: what a refused batch is split into.
+enum Unit {
+    Reading(Reading),
+    Status(String, bool),
+    Ack(Ack),
+    Reject(Reject),
+}
+
+impl Unit {
+    /// This message as a reject with `reason`; a reject has none.
+    fn into_reject(self, topics: &Topics, reason: &str) -> Option<Reject> {
+        let (topic, payload) = match self {
+            Unit::Reading(r) => (
+                topics.telemetry(&r.device_id),
+                serde_json::to_vec(&r).expect("readings serialise"),
+            ),
+            Unit::Status(id, online) => (
+                topics.status(&id),
+                if online { "online" } else { "offline" }.into(),
+            ),
+            Unit::Ack(a) => (
+                topics.acks(&a.device_id),
+                serde_json::to_vec(&a).expect("acks serialise"),
+            ),
+            Unit::Reject(_) => return None,
+        };
+        Some(Reject::new(topic.as_bytes(), &payload, reason))
+    }
+}
+
+impl Decoded {
+    /// How many messages it writes.
+    fn len(&self) -> usize {
+        self.readings.len() + self.statuses.len() + self.acks.len() + self.rejects.len()
+    }
+
+    fn into_units(self) -> Vec<Unit> {
+        let readings = self.readings.into_iter().map(Unit::Reading);
+        let statuses = self
+            .statuses
+            .into_iter()
+            .map(|(id, on)| Unit::Status(id, on));
+        let acks = self.acks.into_iter().map(Unit::Ack);
+        let rejects = self.rejects.into_iter().map(Unit::Reject);
+        readings
+            .chain(statuses)
+            .chain(acks)
+            .chain(rejects)
+            .collect()
+    }
+
+    /// Two parts of about half each, in order (readings stay sorted).
+    fn halves(self) -> (Decoded, Decoded) {
+        let mut front = self.into_units();
+        let back = front.split_off(front.len() / 2);
+        (Decoded::from_units(front), Decoded::from_units(back))
+    }
+
+    fn from_units(units: Vec<Unit>) -> Decoded {
+        let mut d = Decoded::default();
+        for unit in units {
+            match unit {
+                Unit::Reading(r) => d.readings.push(r),
+                Unit::Status(id, online) => {
+                    d.statuses.insert(id, online);
+                }
+                Unit::Ack(a) => d.acks.push(a),
+                Unit::Reject(r) => d.rejects.push(r),
+            }
+        }
+        d.accepted = d.readings.len();
+        d
+    }
 }
 
 /// Marks commands acknowledged, each by its own device only: the ack's
