@@ -12,293 +12,270 @@ use reqwest::Method;
 use serde_json::Value;
 use support::ScratchLab;
 
-/// (what, method, path, content type, body, status, code)
-type Case = (
-    &'static str,
-    Method,
-    &'static str,
-    Option<&'static str>,
-    &'static str,
-    u16,
-    &'static str,
-);
+/// One bad request and the answer it must get.
+#[derive(Clone)]
+struct Case {
+    what: &'static str,
+    method: Method,
+    path: &'static str,
+    content_type: Option<&'static str>,
+    body: &'static str,
+    status: u16,
+    code: &'static str,
+}
+
+/// A request with no body.
+fn get(what: &'static str, path: &'static str, status: u16, code: &'static str) -> Case {
+    Case {
+        what,
+        method: Method::GET,
+        path,
+        content_type: None,
+        body: "",
+        status,
+        code,
+    }
+}
+
+/// A POST with a JSON body.
+fn post(what: &'static str, path: &'static str, body: &'static str, code: &'static str) -> Case {
+    let status = if code == "malformed" { 400 } else { 422 };
+    Case {
+        method: Method::POST,
+        content_type: Some("application/json"),
+        body,
+        ..get(what, path, status, code)
+    }
+}
+
+/// What every JSON body endpoint must refuse.
+fn json_body(path: &'static str) -> Vec<Case> {
+    vec![
+        post("malformed JSON", path, "{", "malformed"),
+        post("an array for an object", path, r#"["x", 1]"#, "invalid"),
+        Case {
+            content_type: Some("text/plain"),
+            status: 415,
+            ..post("no JSON content type", path, "{}", "unsupported_media_type")
+        },
+    ]
+}
+
+/// What every service must refuse, on its shared routes.
+fn every_service() -> Vec<Case> {
+    vec![
+        get("an unknown route", "/no/such/route", 404, "not_found"),
+        Case {
+            method: Method::DELETE,
+            ..get(
+                "a method the route does not take",
+                "/healthz",
+                405,
+                "method_not_allowed",
+            )
+        },
+        Case {
+            method: Method::from_bytes(b"ZZMETH").unwrap(),
+            ..get("a made-up method", "/healthz", 405, "method_not_allowed")
+        },
+    ]
+}
+
+fn catalog() -> Vec<Case> {
+    [
+        json_body("/v1/products"),
+        vec![
+            post(
+                "a wrong type",
+                "/v1/products",
+                r#"{"price_cents":"cheap"}"#,
+                "invalid",
+            ),
+            get(
+                "an id that is not a UUID",
+                "/v1/products/not-a-uuid",
+                422,
+                "invalid",
+            ),
+            get(
+                "a path that is not UTF-8",
+                "/v1/products/%C3%28",
+                400,
+                "malformed",
+            ),
+            get(
+                "a query value of the wrong type",
+                "/v1/products?page_size=many",
+                422,
+                "invalid",
+            ),
+            get(
+                "an unknown query parameter",
+                "/v1/products?colour=red",
+                422,
+                "invalid",
+            ),
+        ],
+    ]
+    .concat()
+}
+
+fn outbox_consumer() -> Vec<Case> {
+    vec![
+        get(
+            "a query value of the wrong type",
+            "/notifications?limit=many",
+            422,
+            "invalid",
+        ),
+        get(
+            "an unknown query parameter",
+            "/notifications?colour=red",
+            422,
+            "invalid",
+        ),
+    ]
+}
+
+fn telemetry() -> Vec<Case> {
+    [
+        json_body("/devices/t-1/commands"),
+        vec![
+            post(
+                "a wrong type",
+                "/devices/t-1/commands",
+                r#"{"setpoint_c":"hot"}"#,
+                "invalid",
+            ),
+            get(
+                "a query value of the wrong type",
+                "/devices/t-1/readings?limit=many",
+                422,
+                "invalid",
+            ),
+            get(
+                "a path that is not UTF-8",
+                "/devices/%C3%28/readings",
+                400,
+                "malformed",
+            ),
+            get(
+                "an id that is not a UUID",
+                "/commands/not-a-uuid",
+                422,
+                "invalid",
+            ),
+        ],
+    ]
+    .concat()
+}
+
+fn caching() -> Vec<Case> {
+    [
+        json_body("/inventory/BOLT/reserve"),
+        vec![
+            post(
+                "a wrong type",
+                "/inventory/BOLT/reserve",
+                r#"{"quantity":"lots"}"#,
+                "invalid",
+            ),
+            get(
+                "an id that is not a UUID",
+                "/profiles/not-a-uuid",
+                422,
+                "invalid",
+            ),
+            get(
+                "a path that is not UTF-8",
+                "/profiles/%C3%28",
+                400,
+                "malformed",
+            ),
+            get(
+                "an unknown query parameter",
+                "/pages/home/views?colour=red",
+                422,
+                "invalid",
+            ),
+        ],
+    ]
+    .concat()
+}
+
+fn outbox_api() -> Vec<Case> {
+    let nested = r#"{"customer_id":"c","items":[["SKU-1",1,100]]}"#;
+    [
+        json_body("/orders"),
+        vec![
+            post("a wrong type", "/orders", r#"{"customer_id":7}"#, "invalid"),
+            post("an array for a nested object", "/orders", nested, "invalid"),
+            post(
+                "a bad query value",
+                "/orders?delivery=pigeon",
+                "{}",
+                "invalid",
+            ),
+            get(
+                "an id that is not a UUID",
+                "/orders/not-a-uuid",
+                422,
+                "invalid",
+            ),
+            get(
+                "a path that is not UTF-8",
+                "/orders/%C3%28",
+                400,
+                "malformed",
+            ),
+            Case {
+                method: Method::POST,
+                ..get(
+                    "an id that is not a UUID",
+                    "/orders/x/cancel",
+                    422,
+                    "invalid",
+                )
+            },
+        ],
+    ]
+    .concat()
+}
+
+fn chat() -> Vec<Case> {
+    vec![
+        get(
+            "a wrong query type",
+            "/rooms/lobby/messages?limit=many",
+            422,
+            "invalid",
+        ),
+        get(
+            "a path that is not UTF-8",
+            "/rooms/%C3%28/messages",
+            400,
+            "malformed",
+        ),
+        get(
+            "a name that breaks the rule",
+            "/rooms/two%20words/messages",
+            422,
+            "invalid",
+        ),
+    ]
+}
 
 fn cases(lab: &str) -> Vec<Case> {
-    let post = Method::POST;
-    let get = Method::GET;
-    let json = Some("application/json");
-    let common = |path: &'static str| -> Vec<Case> {
-        vec![
-            (
-                "malformed JSON",
-                post.clone(),
-                path,
-                json,
-                "{",
-                400,
-                "malformed",
-            ),
-            (
-                "an array for an object",
-                post.clone(),
-                path,
-                json,
-                "[\"x\", 1]",
-                422,
-                "invalid",
-            ),
-            (
-                "a field of the wrong type",
-                post.clone(),
-                path,
-                json,
-                "{\"quantity\":\"lots\",\"setpoint_c\":\"hot\",\"price_cents\":\"cheap\",\"customer_id\":7}",
-                422,
-                "invalid",
-            ),
-            (
-                "no JSON content type",
-                post.clone(),
-                path,
-                Some("text/plain"),
-                "{}",
-                415,
-                "unsupported_media_type",
-            ),
-        ]
-    };
-    let mut cases = match lab {
-        "catalog" => {
-            let mut c = common("/v1/products");
-            c.extend([
-                (
-                    "an id that is not a UUID",
-                    get.clone(),
-                    "/v1/products/not-a-uuid",
-                    None,
-                    "",
-                    422,
-                    "invalid",
-                ),
-                (
-                    "a path that is not UTF-8",
-                    get.clone(),
-                    "/v1/products/%C3%28",
-                    None,
-                    "",
-                    400,
-                    "malformed",
-                ),
-                (
-                    "a query value of the wrong type",
-                    get.clone(),
-                    "/v1/products?page_size=many",
-                    None,
-                    "",
-                    422,
-                    "invalid",
-                ),
-                (
-                    "an unknown query parameter",
-                    get.clone(),
-                    "/v1/products?colour=red",
-                    None,
-                    "",
-                    422,
-                    "invalid",
-                ),
-            ]);
-            c
-        }
-        "caching" => {
-            let mut c = common("/inventory/BOLT/reserve");
-            c.extend([
-                (
-                    "an id that is not a UUID",
-                    get.clone(),
-                    "/profiles/not-a-uuid",
-                    None,
-                    "",
-                    422,
-                    "invalid",
-                ),
-                (
-                    "a path that is not UTF-8",
-                    get.clone(),
-                    "/profiles/%C3%28",
-                    None,
-                    "",
-                    400,
-                    "malformed",
-                ),
-                (
-                    "an unknown query parameter",
-                    get.clone(),
-                    "/pages/home/views?colour=red",
-                    None,
-                    "",
-                    422,
-                    "invalid",
-                ),
-            ]);
-            c
-        }
-        "outbox API" => {
-            let mut c = common("/orders");
-            c.extend([
-                (
-                    "an array for a nested object",
-                    post.clone(),
-                    "/orders",
-                    json,
-                    r#"{"customer_id":"c","items":[["SKU-1",1,100]]}"#,
-                    422,
-                    "invalid",
-                ),
-                (
-                    "an id that is not a UUID",
-                    get.clone(),
-                    "/orders/not-a-uuid",
-                    None,
-                    "",
-                    422,
-                    "invalid",
-                ),
-                (
-                    "an id that is not a UUID",
-                    post.clone(),
-                    "/orders/not-a-uuid/cancel",
-                    None,
-                    "",
-                    422,
-                    "invalid",
-                ),
-                (
-                    "a path that is not UTF-8",
-                    get.clone(),
-                    "/orders/%C3%28",
-                    None,
-                    "",
-                    400,
-                    "malformed",
-                ),
-                (
-                    "a query value of the wrong type",
-                    post.clone(),
-                    "/orders?delivery=pigeon",
-                    json,
-                    "{}",
-                    422,
-                    "invalid",
-                ),
-            ]);
-            c
-        }
-        "outbox consumer" => vec![
-            (
-                "a query value of the wrong type",
-                get.clone(),
-                "/notifications?limit=many",
-                None,
-                "",
-                422,
-                "invalid",
-            ),
-            (
-                "an unknown query parameter",
-                get.clone(),
-                "/notifications?colour=red",
-                None,
-                "",
-                422,
-                "invalid",
-            ),
-        ],
-        "chat" => vec![
-            (
-                "a query value of the wrong type",
-                get.clone(),
-                "/rooms/lobby/messages?limit=many",
-                None,
-                "",
-                422,
-                "invalid",
-            ),
-            (
-                "a path that is not UTF-8",
-                get.clone(),
-                "/rooms/%C3%28/messages",
-                None,
-                "",
-                400,
-                "malformed",
-            ),
-        ],
-        "telemetry" => {
-            let mut c = common("/devices/t-1/commands");
-            c.extend([
-                (
-                    "a query value of the wrong type",
-                    get.clone(),
-                    "/devices/t-1/readings?limit=many",
-                    None,
-                    "",
-                    422,
-                    "invalid",
-                ),
-                (
-                    "a path that is not UTF-8",
-                    get.clone(),
-                    "/devices/%C3%28/readings",
-                    None,
-                    "",
-                    400,
-                    "malformed",
-                ),
-                (
-                    "an id that is not a UUID",
-                    get.clone(),
-                    "/commands/not-a-uuid",
-                    None,
-                    "",
-                    422,
-                    "invalid",
-                ),
-            ]);
-            c
-        }
+    let own = match lab {
+        "catalog" => catalog(),
+        "caching" => caching(),
+        "outbox API" => outbox_api(),
+        "outbox consumer" => outbox_consumer(),
+        "chat" => chat(),
+        "telemetry" => telemetry(),
         _ => unreachable!(),
     };
-    cases.extend([
-        (
-            "an unknown route",
-            get.clone(),
-            "/no/such/route",
-            None,
-            "",
-            404,
-            "not_found",
-        ),
-        (
-            "a method the route does not take",
-            Method::DELETE,
-            "/healthz",
-            None,
-            "",
-            405,
-            "method_not_allowed",
-        ),
-        (
-            "a made-up method",
-            Method::from_bytes(b"ZZMETH").unwrap(),
-            "/healthz",
-            None,
-            "",
-            405,
-            "method_not_allowed",
-        ),
-    ]);
-    cases
+    [own, every_service()].concat()
 }
 
 const LABS: &[(&str, &str)] = &[
@@ -319,7 +296,16 @@ async fn every_refused_request_gets_the_json_error_with_one_status_per_kind() {
     let mut problems = Vec::new();
     for (name, variable) in LABS {
         let port = lab.port(variable);
-        for (what, method, path, content_type, body, status, code) in cases(name) {
+        for Case {
+            what,
+            method,
+            path,
+            content_type,
+            body,
+            status,
+            code,
+        } in cases(name)
+        {
             let mut request = http
                 .request(method.clone(), format!("http://127.0.0.1:{port}{path}"))
                 .body(body);
