@@ -774,24 +774,8 @@ async fn grpc_health_and_reflection_are_served(pool: PgPool) {
 /// Calls a unary gRPC method with `message` as its raw body (not necessarily
 /// protobuf): the grpc-status and grpc-message the server answers with.
 async fn raw_grpc(app: &CatalogApp, method: &str, message: &[u8]) -> (String, String) {
-    let mut body = vec![0u8];
-    body.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
-    body.extend_from_slice(message);
-    let client = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
-    let response = client
-        .post(format!(
-            "http://{}/lab.catalog.v1.CatalogService/{method}",
-            app.grpc_addr
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let path = format!("/lab.catalog.v1.CatalogService/{method}");
+    let response = raw_grpc_path(app, &path, message).await.unwrap();
     let header = |name: &str| {
         response
             .headers()
@@ -1023,13 +1007,14 @@ async fn made_up_grpc_paths_add_no_metric_series(pool: PgPool) {
         "/zzfirst",
         "/lab.catalog.v1.CatalogService/ZzFirst",
     ] {
-        raw_grpc_path(&app, path).await;
+        let _ = raw_grpc_path(&app, path, &[]).await;
     }
     series().await; // the scrape's own series, once
     let before = series().await;
     for i in 0..200 {
-        raw_grpc_path(&app, &format!("/zz{i}")).await;
-        raw_grpc_path(&app, &format!("/lab.catalog.v1.CatalogService/Zz{i}")).await;
+        let _ = raw_grpc_path(&app, &format!("/zz{i}"), &[]).await;
+        let made_up = format!("/lab.catalog.v1.CatalogService/Zz{i}");
+        let _ = raw_grpc_path(&app, &made_up, &[]).await;
     }
     let after = series().await;
     assert!(
@@ -1039,15 +1024,24 @@ async fn made_up_grpc_paths_add_no_metric_series(pool: PgPool) {
     app.stop().await.unwrap();
 }
 
-async fn raw_grpc_path(app: &CatalogApp, path: &str) {
+/// POSTs one length-prefixed gRPC message (any bytes) to `path`.
+async fn raw_grpc_path(
+    app: &CatalogApp,
+    path: &str,
+    message: &[u8],
+) -> reqwest::Result<reqwest::Response> {
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(message);
     let client = reqwest::Client::builder()
         .http2_prior_knowledge()
         .build()
         .unwrap();
-    let _ = client
+    client
         .post(format!("http://{}{path}", app.grpc_addr))
         .header("content-type", "application/grpc")
-        .body(vec![0u8, 0, 0, 0, 0])
+        .header("te", "trailers")
+        .body(body)
         .send()
-        .await;
+        .await
 }

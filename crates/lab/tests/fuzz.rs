@@ -10,9 +10,9 @@
 
 mod support;
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
-use support::{LabUp, drop_database, free_port, has_tool};
+use support::{ScratchLab, has_tool};
 
 /// The documents, by the variable that moves the port that serves them.
 const DOCUMENTS: &[(&str, &str)] = &[
@@ -24,71 +24,21 @@ const DOCUMENTS: &[(&str, &str)] = &[
     ("telemetry", "TELEMETRY_HTTP_ADDR"),
 ];
 
-/// Every listen address, on a free port (the defaults may be in use).
-const ADDRS: &[&str] = &[
-    "CATALOG_HTTP_ADDR",
-    "CATALOG_GRPC_ADDR",
-    "CACHING_HTTP_ADDR",
-    "OUTBOX_HTTP_ADDR",
-    "OUTBOX_RELAY_ADDR",
-    "OUTBOX_CONSUMER_ADDR",
-    "CHAT_HTTP_ADDR",
-    "TELEMETRY_HTTP_ADDR",
-];
-
-/// Which of the addresses answer `/readyz`.
-const HTTP: &[&str] = &[
-    "CATALOG_HTTP_ADDR",
-    "CACHING_HTTP_ADDR",
-    "OUTBOX_HTTP_ADDR",
-    "OUTBOX_RELAY_ADDR",
-    "OUTBOX_CONSUMER_ADDR",
-    "CHAT_HTTP_ADDR",
-    "TELEMETRY_HTTP_ADDR",
-];
-
 #[test]
 fn every_api_answers_as_its_openapi_document_says_and_never_500() {
     assert!(
         has_tool("schemathesis"),
         "the fuzz test needs schemathesis: pip install schemathesis"
     );
-    let pid = std::process::id();
-    let ports: Vec<(&str, u16)> = ADDRS.iter().map(|v| (*v, free_port())).collect();
-    let port = |variable: &str| ports.iter().find(|(v, _)| *v == variable).unwrap().1;
-    let database_url = format!("postgres://postgres:postgres@localhost:5432/lab_fuzz_{pid}");
-    let mut envs: Vec<(String, String)> = ports
-        .iter()
-        .map(|(v, p)| (v.to_string(), format!("127.0.0.1:{p}")))
-        .collect();
-    envs.extend(
-        [
-            ("DATABASE_URL", database_url.clone()),
-            ("CACHE_KEY_PREFIX", format!("lab:fuzz:{pid}:caching:")),
-            ("CHAT_KEY_PREFIX", format!("lab:fuzz:{pid}:chat:")),
-            ("OUTBOX_EXCHANGE", "lab.fuzz.events".into()),
-            ("OUTBOX_QUEUE", "lab.fuzz.notifications".into()),
-            ("TELEMETRY_CLIENT_ID", format!("lab-fuzz-{pid}")),
-            ("TELEMETRY_SHARE_GROUP", format!("lab-fuzz-{pid}")),
-            ("TELEMETRY_TOPIC_PREFIX", format!("fuzz/{pid}/")),
-            ("INGEST_SESSION_EXPIRY_SECS", "60".into()),
-            ("RUST_LOG", "warn".into()),
-        ]
-        .map(|(k, v)| (k.to_owned(), v)),
-    );
-    let work = std::env::temp_dir().join(format!("lab-fuzz-{pid}"));
+    let lab = ScratchLab::start("fuzz");
+    let work = std::env::temp_dir().join(format!("lab-fuzz-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
-    let ready: Vec<u16> = HTTP.iter().map(|v| port(v)).collect();
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_lab"));
-    let lab = LabUp::start(&bin, &envs, &ready, work.join("lab-up.log"));
-
     let failures: Vec<String> = DOCUMENTS
         .iter()
-        .filter_map(|(name, variable)| fuzz(name, port(variable), &work))
+        .filter_map(|(name, variable)| fuzz(name, lab.port(variable), &work))
         .collect();
-    let log = lab.log();
+    let log = lab.lab.log();
     let status = lab.stop();
-    drop_database(&database_url);
     assert!(
         failures.is_empty(),
         "{}\n(lab up's log:\n{log})",
