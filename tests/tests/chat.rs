@@ -28,6 +28,9 @@ const WAIT: Duration = Duration::from_secs(10);
 /// A real WebSocket client in a room.
 struct Member {
     ws: Ws,
+    /// The member list of the last frame that carried one: what this
+    /// client's page would show.
+    view: Vec<String>,
 }
 
 impl Member {
@@ -36,7 +39,10 @@ impl Member {
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .unwrap_or_else(|err| panic!("connect {url}: {err}"));
-        let mut member = Self { ws };
+        let mut member = Self {
+            ws,
+            view: Vec::new(),
+        };
         let welcome = member.next().await;
         assert_eq!(welcome["type"], "welcome", "{welcome}");
         (member, welcome)
@@ -65,7 +71,13 @@ impl Member {
                 .expect("the connection is open")
                 .expect("a good frame");
             match frame {
-                Frame::Text(text) => return serde_json::from_str(&text).unwrap(),
+                Frame::Text(text) => {
+                    let frame: Value = serde_json::from_str(&text).unwrap();
+                    if frame.get("members").is_some() {
+                        self.view = members(&frame).into_iter().map(String::from).collect();
+                    }
+                    return frame;
+                }
                 Frame::Close(close) => panic!("closed by the server: {close:?}"),
                 _ => continue,
             }
@@ -324,20 +336,24 @@ async fn an_oversized_frame_closes_with_1009() {
     app.finish().await.unwrap();
 }
 
-/// Joins through a socket with a small receive buffer, so the server
-/// notices the member is not reading after a few hundred kilobytes, not
-/// megabytes.
-async fn join_with_a_small_receive_buffer(app: &ChatApp, room: &str, name: &str) -> Member {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(app.addr).await.unwrap();
-    let (ws, _) =
-        tokio_tungstenite::client_async(app.ws_url(room, name), MaybeTlsStream::Plain(stream))
+/// How long the server waits for a close frame to go out (and for the
+/// client's answer) before it drops the socket: `connection::CLOSE_GRACE`.
+const SERVER_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits until the server has counted `n` slow disconnects: the server's
+/// own word that it cut a client, whatever that client sees.
+async fn slow_disconnects_reach(app: &ChatApp, n: u64) {
+    let line = format!("chat_slow_disconnects_total {n}");
+    workshop::eventually(&format!("{n} slow disconnects counted"), WAIT, || async {
+        let metrics = reqwest::get(app.url("/metrics"))
             .await
-            .unwrap();
-    let mut member = Member { ws };
-    assert_eq!(member.next().await["type"], "welcome");
-    member
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        metrics.lines().any(|l| l == line).then_some(())
+    })
+    .await;
 }
 
 /// On a task: reads until `reader` has every one of `count` messages,
@@ -401,7 +417,8 @@ async fn a_client_that_never_reads_is_cut_with_1008_and_the_others_get_everythin
     settings.outbound_queue = 128;
     let app = ChatApp::start(settings).await;
 
-    let mut slow = join_with_a_small_receive_buffer(&app, "lobby", "slow").await;
+    // A plain client, with the receive buffer its kernel gives it.
+    let (mut slow, _) = Member::join(&app.ws_url("lobby", "slow")).await;
     let (mut reader, _) = Member::join(&app.ws_url("lobby", "reader")).await;
     let (sender, _) = Member::join(&app.ws_url("lobby", "sender")).await;
     assert_eq!(reader.next_of("joined").await["name"], "sender");
@@ -425,22 +442,89 @@ async fn a_client_that_never_reads_is_cut_with_1008_and_the_others_get_everythin
     assert_eq!(reads_everything.await.unwrap(), COUNT);
     assert_eq!(echoed.await.unwrap(), COUNT);
 
-    // Now read what the slow client was sent: part of the stream, then 1008.
+    slow_disconnects_reach(&app, 1).await;
+    // It still reads nothing for longer than the server waits for its close
+    // frame to go out; then it reads what it was sent: part of the stream,
+    // then 1008.
+    tokio::time::sleep(SERVER_CLOSE_GRACE + Duration::from_secs(1)).await;
     let (close, read) = slow.closed().await;
     let close = close.expect("a close frame");
     assert_eq!(close.code, CloseCode::Policy, "1008: {close:?}");
     assert!(read < COUNT, "it was cut before the end ({read} read)");
+    app.finish().await.unwrap();
+}
 
-    let metrics = reqwest::get(app.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("chat_slow_disconnects_total 1"),
-        "{metrics}"
-    );
+/// On a task: reads `member`'s frames `per_sec` a second, or as fast as
+/// they come once `hurry` is true; returns the close frame it ends with.
+fn read_slowly(
+    mut member: Member,
+    per_sec: u32,
+    hurry: watch::Receiver<bool>,
+) -> JoinHandle<Option<CloseFrame>> {
+    tokio::spawn(async move {
+        loop {
+            let frame = tokio::time::timeout(WAIT, member.ws.next())
+                .await
+                .expect("a frame within 10 s");
+            match frame {
+                Some(Ok(Frame::Close(close))) => return close,
+                Some(Ok(_)) => {}
+                Some(Err(err)) => panic!("connection broke without a close frame: {err}"),
+                None => panic!("connection ended without a close frame"),
+            }
+            if !*hurry.borrow() {
+                tokio::time::sleep(Duration::from_secs(1) / per_sec).await;
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_slowly_is_cut_with_1008_and_gets_the_close_frame() {
+    let mut settings = ChatApp::settings();
+    // One sender stands for a busy room (thirty people at ten messages a
+    // second): let it go fast.
+    settings.rate_per_sec = std::num::NonZeroU32::new(100_000).unwrap();
+    settings.rate_burst = std::num::NonZeroU32::new(100_000).unwrap();
+    settings.outbound_queue = 128;
+    // No pings: a pong the slow client sent after the server let go of the
+    // socket would be answered with a reset.
+    settings.ping_interval_ms = 600_000;
+    settings.idle_timeout_ms = 1_200_000;
+    let app = ChatApp::start(settings).await;
+
+    let (slow, _) = Member::join(&app.ws_url("lobby", "slow")).await;
+    let (sender, _) = Member::join(&app.ws_url("lobby", "sender")).await;
+    let (hurry, hurried) = watch::channel(false);
+    // 50 frames a second of 1.5 KB: 75 KB/s, far less than the room says.
+    let reads = read_slowly(slow, 50, hurried);
+
+    const MOST: usize = 20_000;
+    let (mut sink, echoes) = sender.ws.split();
+    let (echo_count, mut echoed_so_far) = watch::channel(0);
+    let _echoes = count_echoes(echoes, MOST, echo_count);
+    let text = "w".repeat(1500);
+    let cut = async {
+        let mut i = 0;
+        loop {
+            echoed_so_far.wait_for(|n| n + 32 > i).await.unwrap();
+            let say = json!({"type": "say", "text": format!("{i:05} {text}")});
+            sink.send(Frame::text(say.to_string())).await.unwrap();
+            i += 1;
+            assert!(i < MOST, "the slow reader was not cut after {i} messages");
+        }
+    };
+    tokio::select! {
+        () = slow_disconnects_reach(&app, 1) => {}
+        () = cut => {}
+    }
+    // It keeps its pace for longer than the server waits for the close frame
+    // to go out, then reads the rest as fast as it can: the last frame is
+    // the server's 1008.
+    tokio::time::sleep(SERVER_CLOSE_GRACE + Duration::from_secs(1)).await;
+    hurry.send_replace(true);
+    let close = reads.await.unwrap().expect("a close frame with a code");
+    assert_eq!(close.code, CloseCode::Policy, "1008: {close:?}");
     app.finish().await.unwrap();
 }
 
@@ -1040,4 +1124,188 @@ async fn a_catch_up_larger_than_a_queue_sends_the_newest_and_says_so() {
     assert_eq!(ada.next_of("message").await["text"], "after");
     a.finish().await.unwrap();
     b.finish().await.unwrap();
+}
+
+impl Member {
+    /// Reads frames until this client's own view of the room is `expected`;
+    /// fails showing the view it was left with.
+    async fn sees_members(&mut self, expected: &[&str]) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.view != expected {
+            let Ok(frame) = tokio::time::timeout_at(deadline, self.ws.next()).await else {
+                panic!("the view stayed {:?}, not {expected:?}", self.view);
+            };
+            if let Some(Ok(Frame::Text(text))) = frame {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame.get("members").is_some() {
+                    self.view = members(&frame).into_iter().map(String::from).collect();
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_whole_within_seconds_of_a_redis_restart() {
+    let mut redis = workshop::PrivateRedis::start(workshop::Persistence::None).await;
+    // The production timings: presence is refreshed every 20 s, longer
+    // than this test waits for anything.
+    let settings = ChatApp::settings();
+    let a = ChatApp::start_with_redis(settings.clone(), &redis.url()).await;
+    let b = ChatApp::start_with_redis(
+        chat::Settings {
+            instance: "other".into(),
+            ..settings
+        },
+        &redis.url(),
+    )
+    .await;
+    let (mut ann, _) = Member::join(&a.ws_url("lobby", "ann")).await;
+
+    // A real restart: the new Redis remembers nothing, presence included.
+    // While it is down, bob joins on a and cy on b: each instance serves
+    // them alone, and b has no member who ever joined through Redis.
+    redis.kill();
+    assert_eq!(ann.next_of("error").await["code"], "redis_unavailable");
+    let (mut bob, welcome) = Member::join(&a.ws_url("lobby", "bob")).await;
+    assert_eq!(members(&welcome), ["ann", "bob"]);
+    let (mut cy, welcome) = Member::join(&b.ws_url("lobby", "cy")).await;
+    assert_eq!(members(&welcome), ["cy"]);
+    redis.start_again().await;
+    for member in [&mut ann, &mut bob, &mut cy] {
+        let notice = member.next_of("notice").await;
+        assert_eq!(notice["code"], "redis_restored", "{notice}");
+    }
+    // Within seconds of Redis answering, each instance has put its members
+    // back: the room is listed with all three, and every member's own view
+    // holds everyone, itself included.
+    workshop::eventually("the lobby listed with its three members", WAIT, || async {
+        let rooms = a.get_json("/rooms").await;
+        (rooms == json!({"rooms": [{"room": "lobby", "members": 3}]})).then_some(())
+    })
+    .await;
+    for member in [&mut ann, &mut bob, &mut cy] {
+        member.sees_members(&["ann", "bob", "cy"]).await;
+    }
+    // A newcomer sees everyone, and a member who leaves is announced.
+    let (mut dee, welcome) = Member::join(&b.ws_url("lobby", "dee")).await;
+    assert_eq!(members(&welcome), ["ann", "bob", "cy", "dee"]);
+    bob.ws.close(None).await.unwrap();
+    for member in [&mut ann, &mut cy, &mut dee] {
+        let left = member.next_of("left").await;
+        assert_eq!(
+            (&left["name"], members(&left)),
+            (&json!("bob"), vec!["ann", "cy", "dee"])
+        );
+    }
+    a.finish().await.unwrap();
+    b.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_connections_with_one_name_are_one_member_until_the_last_leaves() {
+    let app = ChatApp::start(ChatApp::settings()).await;
+    let (mut ann, _) = Member::join(&app.ws_url("lobby", "ann")).await;
+    let (mut bob, _) = Member::join(&app.ws_url("lobby", "bob")).await;
+    assert_eq!(ann.next_of("joined").await["name"], "bob");
+
+    // ann again, in a second tab: welcomed, but nobody is told she joined,
+    // since she was here already. (bob's next frame is his own message.)
+    let (mut ann_again, welcome) = Member::join(&app.ws_url("lobby", "ann")).await;
+    assert_eq!(members(&welcome), ["ann", "bob"]);
+    bob.say("one").await;
+    for member in [&mut bob, &mut ann] {
+        let next = member.next().await;
+        assert_eq!(
+            (&next["type"], &next["text"]),
+            (&json!("message"), &json!("one"))
+        );
+    }
+
+    // One of ann's tabs closes: she is still here, so nobody is told she left.
+    ann_again.ws.close(None).await.unwrap();
+    let redis = workshop::redis_connection(&workshop::redis_url()).await;
+    let entries = format!("{}room:lobby:members", app.prefix);
+    workshop::eventually("the closed tab's presence entry removed", WAIT, || async {
+        let count: u64 = redis::cmd("ZCARD")
+            .arg(&entries)
+            .query_async(&mut redis.clone())
+            .await
+            .unwrap();
+        (count == 2).then_some(())
+    })
+    .await;
+    bob.say("two").await;
+    let next = bob.next().await;
+    assert_eq!(
+        (&next["type"], &next["text"]),
+        (&json!("message"), &json!("two"))
+    );
+    assert_eq!(
+        app.get_json("/rooms").await,
+        json!({"rooms": [{"room": "lobby", "members": 2}]})
+    );
+
+    // Her last tab closes: now she has left.
+    ann.ws.close(None).await.unwrap();
+    let left = bob.next_of("left").await;
+    assert_eq!(
+        (&left["name"], members(&left)),
+        (&json!("ann"), vec!["bob"])
+    );
+    app.finish().await.unwrap();
+}
+
+#[tokio::test]
+async fn joined_and_left_say_when_by_the_server_clock() {
+    let app = ChatApp::start(ChatApp::settings()).await;
+    let (mut ann, _) = Member::join(&app.ws_url("lobby", "ann")).await;
+    let (bob, _) = Member::join(&app.ws_url("lobby", "bob")).await;
+    let joined = ann.next_of("joined").await;
+    drop(bob);
+    let left = ann.next_of("left").await;
+    let at = |frame: &Value| {
+        let at = frame["at"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no `at` in {frame}"));
+        chrono::DateTime::parse_from_rfc3339(at).unwrap_or_else(|err| panic!("{at}: {err}"))
+    };
+    assert!(at(&joined) <= at(&left), "{joined} {left}");
+    let off = (chrono::Utc::now() - at(&left).to_utc()).abs();
+    assert!(off < chrono::TimeDelta::minutes(1), "a clock off by {off}");
+    app.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_why_the_server_refused_a_join_and_does_not_retry() {
+    let app = ChatApp::start(ChatApp::settings()).await;
+    let driver = workshop::ChromeDriver::start().await;
+    let page = driver.browser().await;
+    // A link that skips the form: the server refuses the name.
+    page.goto(&app.url("/?room=two%20words&name=x")).await;
+    page.wait_until(
+        "document.getElementById('status').className === 'refused'",
+        Duration::from_secs(15),
+    )
+    .await;
+    let status = page
+        .eval("document.getElementById('status').textContent")
+        .await;
+    let status = status.as_str().unwrap();
+    assert!(
+        status.contains("room: must be 1–32 letters, digits, '-' or '_'"),
+        "the server's reason: {status}"
+    );
+    assert!(!status.contains("reconnecting"), "{status}");
+    // The form is there to fix it: a good room joins.
+    page.eval("document.getElementById('room').value = 'lobby'")
+        .await;
+    page.click("join").await;
+    page.wait_until(
+        "document.getElementById('status').textContent.startsWith('in lobby as x')",
+        Duration::from_secs(15),
+    )
+    .await;
+    page.close().await;
+    app.finish().await.unwrap();
 }

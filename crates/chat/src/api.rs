@@ -18,8 +18,8 @@
 //! 1008 after the upgrade.
 
 use axum::{
-    Router,
-    extract::{State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection},
+    Extension, Router,
+    extract::{ConnectInfo, State, WebSocketUpgrade, ws::rejection::WebSocketUpgradeRejection},
     http::header,
     response::{IntoResponse, Response},
     routing::get,
@@ -28,7 +28,7 @@ use lab_core::{ApiError, Json, Path, Query, error::DependencyError, openapi::Err
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::{App, connection, protocol, store};
+use crate::{App, connection, protocol, socket::Socket, store};
 
 /// The chat lab's HTTP API, as served at `GET /openapi.json`.
 #[derive(utoipa::OpenApi)]
@@ -149,6 +149,7 @@ struct JoinParams {
 )]
 async fn join(
     State(app): State<App>,
+    socket: Option<Extension<ConnectInfo<Socket>>>,
     Query(params): Query<JoinParams>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, Error> {
@@ -163,9 +164,14 @@ async fn join(
     // Taken before the upgrade completes, so shutdown waits for this
     // connection even if it is still being upgraded.
     let token = app.tracker.token();
+    // Served without `serve_with_connect_info` (a test's own router), the socket
+    // keeps the kernel's defaults.
+    let tcp = socket
+        .map(|Extension(ConnectInfo(tcp))| tcp)
+        .unwrap_or_default();
     Ok(connection::limits(upgrade)
-        .on_upgrade(move |socket| async move {
-            connection::serve(socket, app, room, name).await;
+        .on_upgrade(move |ws| async move {
+            connection::serve(ws, tcp, app, room, name).await;
             drop(token);
         })
         .into_response())

@@ -22,10 +22,24 @@
 //!
 //! When Redis is down the instance keeps serving the members it holds:
 //! messages go straight to this instance's hub, with `local-…` ids and no
-//! history, and every connection is told so with an `error` frame. When
-//! Redis is back, a `notice` says so and presence is written again.
+//! history, and every connection is told so with an `error` frame.
+//!
+//! When Redis is back, the instance writes all its presence again before
+//! it counts as subscribed (and says so with a `notice`): a Redis that
+//! restarted empty, or swept this instance's members while it could not
+//! refresh them, has them back at once, the rooms listed again, and a
+//! `joined` for each name that was missing. The alternative, leaving it to
+//! the next periodic refresh (20 s), was a window in which a newcomer's
+//! welcome listed only itself and a member who left was never announced,
+//! as its leave found no entry to remove; and a refresh that failed once
+//! (the first command on a connection Redis had closed fails) made it 40 s.
+//! A refresh that fails is retried within seconds, not at the next tick.
 
-use std::{ops::ControlFlow, sync::atomic::Ordering, time::Duration};
+use std::{
+    ops::ControlFlow,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use futures::StreamExt;
 use lab_core::backoff::Backoff;
@@ -34,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     App,
     hub::Outbound,
-    protocol::{BusEvent, FrameError, MessageId, ServerEvent, message},
+    protocol::{self, BusEvent, FrameError, MessageId, ServerEvent, message},
     store::Snapshot,
 };
 
@@ -65,15 +79,22 @@ impl App {
             room,
             name,
             members: &members,
+            at: &protocol::now(),
         };
-        self.hub.deliver(
-            room,
-            &Outbound {
-                frame: joined.frame(),
-                joined: Some(conn.into()),
-                keep_for_late_joiners: false,
-            },
-        );
+        let out = Outbound {
+            frame: joined.frame(),
+            joined: Some(conn.into()),
+            keep_for_late_joiners: false,
+        };
+        // Only the joining connection waits for it if the name was here
+        // already (the connection is in the hub by now: count it out).
+        let again = self.hub.count_name(room, name) > 1;
+        let delivery = if again {
+            self.hub.deliver_to(room, conn, &out)
+        } else {
+            self.hub.deliver(room, &out)
+        };
+        self.stats.delivered(delivery);
         let snapshot = Snapshot {
             members,
             history: Vec::new(),
@@ -109,7 +130,8 @@ impl App {
         Err(self.redis_down_warning())
     }
 
-    /// Takes a connection out of its room's presence and announces it.
+    /// Takes a connection (already out of the hub) out of its room's
+    /// presence, and announces the leave if it was its name's last.
     pub(crate) async fn leave(&self, room: &str, name: &str, conn: &str) {
         if self.redis_up() {
             match self.store.leave(room, name, conn).await {
@@ -119,11 +141,15 @@ impl App {
                 Err(err) => self.redis_failed("leave", &err),
             }
         }
+        if self.hub.count_name(room, name) > 0 {
+            return;
+        }
         let members = self.hub.members(room);
         let left = ServerEvent::Left {
             room,
             name,
             members: &members,
+            at: &protocol::now(),
         };
         self.deliver(room, &Outbound::event(left.frame()));
     }
@@ -165,7 +191,6 @@ impl App {
         }
         let frame = if up {
             tracing::info!(redis = %self.redis_place, "chat bus subscribed");
-            self.presence_lost.notify_one();
             ServerEvent::Notice {
                 code: "redis_restored",
                 message: "Redis is back: messages reach every instance again",
@@ -193,26 +218,25 @@ impl App {
                 return;
             }
         };
-        let joined = match &event {
-            BusEvent::Joined { conn, .. } => Some(conn.as_str().into()),
-            _ => None,
+        let (joined, again) = match &event {
+            BusEvent::Joined { conn, again, .. } => (conn.as_deref().map(Arc::from), *again),
+            _ => (None, false),
         };
         let out = Outbound {
             frame: event.frame(),
             joined,
             keep_for_late_joiners: false,
         };
-        let stream_id = match &event {
-            BusEvent::Message { id, .. } => MessageId::parse(id),
-            _ => None,
+        let delivery = match (&event, &out.joined) {
+            (BusEvent::Message { id, .. }, _) => match MessageId::parse(id) {
+                Some(id) => self.hub.deliver_message(event.room(), id, &out),
+                None => self.hub.deliver(event.room(), &out),
+            },
+            // A second tab of a present name: news to that tab alone.
+            (_, Some(conn)) if again => self.hub.deliver_to(event.room(), conn, &out),
+            _ => self.hub.deliver(event.room(), &out),
         };
-        match stream_id {
-            Some(id) => {
-                let delivery = self.hub.deliver_message(event.room(), id, &out);
-                self.stats.delivered(delivery);
-            }
-            None => self.deliver(event.room(), &out),
-        }
+        self.stats.delivered(delivery);
     }
 
     /// Delivers to each room here what it missed while the subscription
@@ -268,7 +292,6 @@ pub async fn subscribe(app: App, stop: CancellationToken) -> anyhow::Result<()> 
         match connected {
             Ok(pubsub) => {
                 backoff.reset();
-                app.set_redis_up(true);
                 if listen(&app, pubsub, &stop).await.is_break() {
                     return Ok(());
                 }
@@ -291,8 +314,9 @@ pub async fn subscribe(app: App, stop: CancellationToken) -> anyhow::Result<()> 
     }
 }
 
-/// Subscribes, then catches every room up: what is published meanwhile
-/// waits in the subscription, behind what the catch-up delivers.
+/// Subscribes, catches every room up (what is published meanwhile waits in
+/// the subscription, behind what the catch-up delivers), writes this
+/// instance's presence again, and only then counts as up.
 async fn connect(app: &App) -> redis::RedisResult<redis::aio::PubSub> {
     let mut pubsub =
         tokio::time::timeout(Duration::from_secs(2), app.redis_client.get_async_pubsub())
@@ -302,6 +326,11 @@ async fn connect(app: &App) -> redis::RedisResult<redis::aio::PubSub> {
             })??;
     pubsub.psubscribe(app.store.pattern()).await?;
     app.catch_up().await?;
+    // Under the presence lock until it counts as up: a member joining
+    // meanwhile is either in this write or joins through Redis after it.
+    let _presence = app.presence.lock().await;
+    app.write_presence().await?;
+    app.set_redis_up(true);
     Ok(pubsub)
 }
 
@@ -345,7 +374,9 @@ async fn listen(
 }
 
 /// Keeps this instance's connections present in Redis, and sweeps out
-/// entries nobody refreshes any more (their instance died).
+/// entries nobody refreshes any more (their instance died). A refresh that
+/// fails is tried again after a short backoff, not at the next tick: the
+/// entries must not expire meanwhile.
 pub async fn keep_presence(app: App, stop: CancellationToken) -> anyhow::Result<()> {
     let ping = Duration::from_millis(app.settings.ping_interval_ms);
     let mut refresh = tokio::time::interval(ping);
@@ -353,33 +384,64 @@ pub async fn keep_presence(app: App, stop: CancellationToken) -> anyhow::Result<
     for timer in [&mut refresh, &mut sweep] {
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
+    let mut backoff = Backoff::new(Duration::from_millis(100), BACKOFF_MAX);
+    let retry = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(retry);
+    let mut failing = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
             _ = refresh.tick() => {}
-            // Redis came back: entries may have been swept meanwhile.
-            () = app.presence_lost.notified() => {}
+            () = &mut retry, if failing => {}
             _ = sweep.tick() => {
-                if app.redis_up() {
-                    match app.store.sweep().await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(ghosts = n, "swept members whose instance stopped refreshing them"),
-                        Err(err) => tracing::warn!(%err, "presence sweep failed"),
-                    }
-                }
+                sweep_ghosts(&app).await;
                 continue;
             }
         }
+        // While Redis is down the bus writes everything again once it is back.
+        failing = false;
         if !app.redis_up() {
             continue;
         }
         // Under the presence lock: a connection cannot leave between the
         // snapshot and the refresh, and so cannot be put back as a ghost.
-        let _presence = app.presence.lock().await;
-        for (room, entries) in app.hub.presence() {
-            if let Err(err) = app.store.refresh(&room, &entries).await {
-                tracing::warn!(%err, room, "presence refresh failed");
+        let written = {
+            let _presence = app.presence.lock().await;
+            app.write_presence().await
+        };
+        match written {
+            Ok(()) => backoff.reset(),
+            Err(err) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%err, ?delay, "presence refresh failed; trying again");
+                retry.as_mut().reset(tokio::time::Instant::now() + delay);
+                failing = true;
             }
         }
+    }
+}
+
+async fn sweep_ghosts(app: &App) {
+    if !app.redis_up() {
+        return;
+    }
+    match app.store.sweep().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            ghosts = n,
+            "swept members whose instance stopped refreshing them"
+        ),
+        Err(err) => tracing::warn!(%err, "presence sweep failed"),
+    }
+}
+
+impl App {
+    /// Writes every connection of this instance into Redis's presence,
+    /// putting back any entry Redis lost. The caller holds the presence lock.
+    async fn write_presence(&self) -> redis::RedisResult<()> {
+        for (room, entries) in self.hub.presence() {
+            self.store.refresh(&room, &entries).await?;
+        }
+        Ok(())
     }
 }

@@ -15,8 +15,11 @@
 //! Whoever decides the connection must end (the hub finding the queue
 //! full, the reader, shutdown, the idle timer) calls
 //! [`Stop::close`](crate::hub::Stop::close) with a close code; the writer
-//! sends that close frame, the reader waits briefly for the client's
-//! answer, and the member leaves the room, exactly once.
+//! stops writing data, makes room in the kernel's send buffer and sends that
+//! close frame (see [`socket`](crate::socket): otherwise a slow client's
+//! close frame waits behind megabytes and never leaves), the reader waits
+//! briefly for the client's answer, and the connection leaves the room,
+//! exactly once.
 //!
 //! A connection uses the [`hub`](crate::hub) (it joins a room there and
 //! takes its frames from the queue the hub fills); the hub never calls back
@@ -42,6 +45,7 @@ use crate::{
     App,
     hub::{Outbound, Stop},
     protocol::{FrameError, MAX_FRAME_BYTES, ServerEvent, parse_say},
+    socket::Socket,
 };
 
 /// How long a closing connection waits for its close frame to go out and
@@ -96,7 +100,8 @@ impl Conn {
 
 /// Serves one upgraded connection until it ends, then takes the member out
 /// of the room.
-pub async fn serve(socket: WebSocket, app: App, room: String, name: String) {
+pub async fn serve(ws: WebSocket, tcp: Socket, app: App, room: String, name: String) {
+    tcp.bound_send_buffer();
     let (queue_tx, queue_rx) = mpsc::channel(app.settings.outbound_queue);
     let (replies_tx, replies_rx) = mpsc::channel(REPLY_QUEUE);
     let conn = Conn {
@@ -133,11 +138,12 @@ pub async fn serve(socket: WebSocket, app: App, room: String, name: String) {
     .frame();
     tracing::debug!(room = %conn.room, name = %conn.name, conn = %conn.id, "joined");
 
-    let (sink, stream) = socket.split();
+    let (sink, stream) = ws.split();
     tokio::join!(
         read(stream, &conn),
-        write(sink, queue_rx, replies_rx, welcome, warning, &conn)
+        write(sink, &tcp, queue_rx, replies_rx, welcome, warning, &conn)
     );
+    drop(tcp); // the socket closes now, not after the leave
 
     {
         let _presence = app.presence.lock().await;
@@ -219,6 +225,7 @@ async fn read(mut stream: SplitStream<WebSocket>, conn: &Conn) {
 /// the connection stops; then its close frame.
 async fn write(
     mut sink: SplitSink<WebSocket, Message>,
+    tcp: &Socket,
     mut queue: mpsc::Receiver<Outbound>,
     replies: mpsc::Receiver<Utf8Bytes>,
     welcome: Utf8Bytes,
@@ -233,8 +240,12 @@ async fn write(
             code,
             reason: reason.into(),
         }));
-        // Goes out after whatever was already buffered; a client that reads
-        // nothing at all never gets it, and the grace period ends the wait.
+        // The send buffer is full when a client is cut for not reading:
+        // grown, it takes the rest of the frame being written and the close
+        // frame at once, and the kernel delivers them whenever the client
+        // reads again. Only a frame too big for even that waits out the
+        // grace period.
+        tcp.make_room_to_close();
         let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(close)).await;
     }
 }

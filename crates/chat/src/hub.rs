@@ -166,6 +166,19 @@ impl Hub {
         self.in_room(room, |r| offer(&mut r.members, out))
     }
 
+    /// Queues `out` for one connection, if it is in `room` here.
+    pub fn deliver_to(&self, room: &str, conn: &str, out: &Outbound) -> Delivery {
+        self.in_room(room, |r| {
+            let mut delivery = Delivery::default();
+            if let Some(member) = r.members.get(conn)
+                && !queue(member, out, &mut delivery)
+            {
+                r.members.remove(conn);
+            }
+            delivery
+        })
+    }
+
     /// Queues message `id` of the room's stream, unless the room has had it
     /// already: a catch-up and the live subscription overlap.
     pub fn deliver_message(&self, room: &str, id: MessageId, out: &Outbound) -> Delivery {
@@ -222,6 +235,14 @@ impl Hub {
         total
     }
 
+    /// How many connections with this name are in the room here.
+    pub fn count_name(&self, room: &str, name: &str) -> usize {
+        let rooms = self.lock();
+        rooms.get(room).map_or(0, |r| {
+            r.members.values().filter(|m| &*m.name == name).count()
+        })
+    }
+
     /// The distinct names in a room on this instance, sorted.
     pub fn members(&self, room: &str) -> Vec<String> {
         let rooms = self.lock();
@@ -255,7 +276,14 @@ impl Hub {
 
 fn offer(members: &mut HashMap<Arc<str>, Member>, out: &Outbound) -> Delivery {
     let mut delivery = Delivery::default();
-    members.retain(|_, member| match member.queue.try_send(out.clone()) {
+    members.retain(|_, member| queue(member, out, &mut delivery));
+    delivery
+}
+
+/// Queues `out` for one member, never waiting; false if its queue was full
+/// and it is now stopped, to be dropped from the room.
+fn queue(member: &Member, out: &Outbound, delivery: &mut Delivery) -> bool {
+    match member.queue.try_send(out.clone()) {
         Ok(()) => {
             delivery.queued += 1;
             true
@@ -269,8 +297,7 @@ fn offer(members: &mut HashMap<Arc<str>, Member>, out: &Outbound) -> Delivery {
         }
         // The connection is on its way out and removes itself.
         Err(mpsc::error::TrySendError::Closed(_)) => true,
-    });
-    delivery
+    }
 }
 
 #[cfg(test)]
@@ -316,6 +343,28 @@ mod tests {
             got += 1;
         }
         assert_eq!(got, 5);
+    }
+
+    #[test]
+    fn a_name_can_have_several_connections_and_one_can_be_told_alone() {
+        let hub = Hub::default();
+        let (first_tx, mut first_rx) = mpsc::channel(8);
+        let (second_tx, mut second_rx) = mpsc::channel(8);
+        let (bob_tx, mut bob_rx) = mpsc::channel(8);
+        hub.add("r", "a1".into(), "ann".into(), first_tx, Arc::default());
+        hub.add("r", "a2".into(), "ann".into(), second_tx, Arc::default());
+        hub.add("r", "b".into(), "bob".into(), bob_tx, Arc::default());
+        assert_eq!(hub.count_name("r", "ann"), 2);
+        assert_eq!(hub.members("r"), ["ann", "bob"]);
+
+        let out = Outbound::event("x".into());
+        assert_eq!(hub.deliver_to("r", "a2", &out).queued, 1);
+        assert_eq!(hub.deliver_to("r", "nobody", &out).queued, 0);
+        assert!(second_rx.try_recv().is_ok());
+        assert!(first_rx.try_recv().is_err() && bob_rx.try_recv().is_err());
+
+        hub.remove("r", "a1");
+        assert_eq!(hub.count_name("r", "ann"), 1);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! client is slow, silent, or gone.
 //!
 //! - [`connection`]: one socket — reader, writer, rate limit, pings, the
-//!   idle timeout, close codes.
+//!   idle timeout, close codes; [`socket`] bounds what a slow client can
+//!   keep waiting in the kernel, so the close frame that cuts it gets out.
 //! - [`hub`]: the connections on this instance, by room, and the fan-out
 //!   that never waits for a slow client.
 //! - [`bus`]: events travel through Redis pub/sub, so members on two
@@ -14,7 +15,8 @@
 //!   its own members, and when it is back catches its rooms up from their
 //!   history.
 //! - [`store`]: history (a capped Redis Stream per room), presence (a
-//!   sorted set per room), and the Lua scripts that change them atomically.
+//!   sorted set per room, one entry per connection, announced per name),
+//!   and the Lua scripts that change them atomically.
 //! - [`protocol`]: the JSON frames.
 //! - [`api`]: the HTTP side: the page, the upgrade to a WebSocket, and the
 //!   rooms and history as JSON; `stats` counts for `/metrics`.
@@ -27,6 +29,7 @@ pub mod bus;
 pub mod connection;
 pub mod hub;
 pub mod protocol;
+pub mod socket;
 mod stats;
 pub mod store;
 
@@ -39,7 +42,7 @@ use std::{
 
 use anyhow::ensure;
 use lab_core::{config::Listen, http::Dependency, metrics::Metrics};
-use tokio::{net::TcpListener, sync::Notify};
+use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{hub::Hub, stats::Stats, store::Store};
@@ -186,12 +189,12 @@ pub struct Inner {
     store: Store,
     redis_client: redis::Client,
     redis_place: String,
-    /// True while the pub/sub subscription is up; false means local-only.
+    /// True while the pub/sub subscription is up and this instance's
+    /// presence is written; false means local-only.
     redis_up: AtomicBool,
-    /// Woken when Redis comes back, to write presence again at once.
-    presence_lost: Notify,
     /// Held while this instance changes its presence in Redis (a join, a
-    /// leave, the periodic refresh), so they never interleave.
+    /// leave, the refresh, writing it all again when Redis is back), so
+    /// they never interleave.
     presence: tokio::sync::Mutex<()>,
     stats: Stats,
     /// Every open WebSocket connection, so shutdown can wait for them.
@@ -226,7 +229,6 @@ impl App {
             redis_client: lab_core::redis::client(redis_url)?,
             redis_place: lab_core::redis::where_is(redis_url),
             redis_up: AtomicBool::new(false),
-            presence_lost: Notify::new(),
             presence: tokio::sync::Mutex::new(()),
             stats: Stats::new(metrics),
             tracker: TaskTracker::new(),
@@ -274,7 +276,11 @@ pub async fn serve(
     let http = {
         let (shutdown, http_done) = (shutdown.clone(), http_done.clone());
         async move {
-            let result = lab_core::http::serve(listener, router, shutdown).await;
+            // lab-core's `serve`, plus a handle on each connection's socket.
+            let result = lab_core::http::serve_with_connect_info::<socket::Socket>(
+                listener, router, shutdown,
+            )
+            .await;
             http_done.cancel();
             Ok(result?)
         }

@@ -5,10 +5,17 @@
 //! not use (the connection stays open: one bad frame is the client's
 //! mistake, not a reason to drop everything else it was doing).
 //!
+//! Presence is per name: `joined` comes with a name's first connection
+//! and `left` with its last, so two tabs with one name are one member. Each
+//! carries the whole member list, and `at`, when it happened by Redis's
+//! clock (the instance's own while Redis is down): a member whose instance
+//! crashed is announced `left` when its presence entry is swept, and `at`
+//! shows how long after the crash that was.
+//!
 //! The same events travel between instances over Redis pub/sub as
-//! [`BusEvent`]s, which carry one field the clients never see: the
-//! connection id of a `joined`, so a joining connection can recognise its
-//! own (see `connection`).
+//! [`BusEvent`]s, which carry fields the clients never see: the connection
+//! id of a `joined`, so a joining connection can recognise its own (see
+//! `connection`), and whether its name was here already.
 
 use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -119,11 +126,15 @@ pub enum ServerEvent<'a> {
         room: &'a str,
         name: &'a str,
         members: &'a [String],
+        /// When, by the server's clock (RFC 3339, UTC).
+        at: &'a str,
     },
     Left {
         room: &'a str,
         name: &'a str,
         members: &'a [String],
+        /// When, by the server's clock (RFC 3339, UTC).
+        at: &'a str,
     },
     Error {
         code: &'a str,
@@ -158,16 +169,25 @@ pub enum BusEvent {
     Joined {
         room: String,
         name: String,
-        conn: String,
+        /// The joining connection, which waits for this event; none when
+        /// a refresh put back a member Redis had lost.
+        #[serde(default)]
+        conn: Option<String>,
+        /// The name was present already (another tab): news to `conn`
+        /// alone.
+        #[serde(default)]
+        again: bool,
         #[serde(deserialize_with = "list")]
         members: Vec<String>,
+        /// Redis's clock, in milliseconds since the epoch.
+        at: i64,
     },
     Left {
         room: String,
         name: String,
-        conn: String,
         #[serde(deserialize_with = "list")]
         members: Vec<String>,
+        at: i64,
     },
 }
 
@@ -193,22 +213,25 @@ impl BusEvent {
                 room,
                 name,
                 members,
+                at,
                 ..
             } => ServerEvent::Joined {
                 room,
                 name,
                 members,
+                at: &rfc3339(*at),
             }
             .frame(),
             BusEvent::Left {
                 room,
                 name,
                 members,
-                ..
+                at,
             } => ServerEvent::Left {
                 room,
                 name,
                 members,
+                at: &rfc3339(*at),
             }
             .frame(),
         }
@@ -272,10 +295,18 @@ pub fn message(id: &str, room: &str, name: &str, text: &str) -> Message {
 /// `1763900000123-0` → `2025-11-23T12:13:20.123Z`.
 fn timestamp(id: &str) -> String {
     let millis = id.split('-').next().and_then(|ms| ms.parse::<i64>().ok());
-    let time = millis
-        .and_then(chrono::DateTime::from_timestamp_millis)
-        .unwrap_or_else(chrono::Utc::now);
+    rfc3339(millis.unwrap_or_else(|| chrono::Utc::now().timestamp_millis()))
+}
+
+/// Milliseconds since the epoch → `2025-11-23T12:13:20.123Z`.
+pub fn rfc3339(millis: i64) -> String {
+    let time = chrono::DateTime::from_timestamp_millis(millis).unwrap_or_else(chrono::Utc::now);
     time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Now, by this instance's clock: for what happens while Redis is down.
+pub fn now() -> String {
+    rfc3339(chrono::Utc::now().timestamp_millis())
 }
 
 #[cfg(test)]
@@ -323,7 +354,7 @@ mod tests {
     fn bus_events_read_what_the_scripts_write() {
         // cjson escapes '/' and writes an empty list as an object.
         let left: BusEvent = serde_json::from_str(
-            r#"{"type":"left","room":"r","name":"a\/b","conn":"c1","members":{}}"#,
+            r#"{"type":"left","room":"r","name":"a\/b","members":{},"at":1763900000123}"#,
         )
         .unwrap();
         assert_eq!(
@@ -331,10 +362,25 @@ mod tests {
             BusEvent::Left {
                 room: "r".into(),
                 name: "a/b".into(),
-                conn: "c1".into(),
-                members: vec![]
+                members: vec![],
+                at: 1763900000123,
             }
         );
+        let frame: serde_json::Value = serde_json::from_str(&left.frame()).unwrap();
+        assert_eq!(frame["at"], "2025-11-23T12:13:20.123Z");
+        // A member put back by a refresh: no connection waits for it.
+        let back: BusEvent = serde_json::from_str(
+            r#"{"type":"joined","room":"r","name":"a","members":["a"],"at":1}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            back,
+            BusEvent::Joined {
+                conn: None,
+                again: false,
+                ..
+            }
+        ));
         let said: BusEvent = serde_json::from_str(
             r#"{"type":"message","id":"1763900000123-4","room":"r","name":"ada","text":"hi"}"#,
         )

@@ -1,7 +1,13 @@
 // The chat page: one WebSocket to /ws, reconnecting with backoff when it
 // drops. Everything shown comes from the server's frames: `welcome` (members
-// and recent history), `message`, `joined`/`left` (with the member list),
-// `error` and `notice`.
+// and recent history), `message`, `joined`/`left` (with the member list and
+// the server's time), `error` and `notice`.
+//
+// A WebSocket the server refuses (a bad room or name in the link) only
+// closes with 1006: the browser hides the HTTP answer. So when a connection
+// closes before its welcome, the page asks the same URL over plain HTTP,
+// where the server says why in its JSON error, and stops retrying if it
+// refused the join.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -49,6 +55,25 @@ function status(text, state) {
   $("status").className = state || "";
 }
 
+// When the server logged a presence change, in local time.
+function at(frame) {
+  return frame.at ? new Date(frame.at).toLocaleTimeString() : "";
+}
+
+// Why the server refuses this join, or null if it would take it (its
+// answer to a plain GET is then `not_websocket`) or cannot be asked.
+async function refusal(url) {
+  try {
+    const response = await fetch(url.replace(/^ws/, "http"));
+    const body = await response.json();
+    const error = body.error || {};
+    const refused = response.status >= 400 && response.status < 500;
+    return refused && error.code !== "not_websocket" ? error.message : null;
+  } catch (_) {
+    return null; // the server is not there: keep trying
+  }
+}
+
 function connected(up) {
   $("text").disabled = !up;
   $("send").disabled = !up;
@@ -60,11 +85,14 @@ function connect() {
   const url = `${scheme}://${location.host}/ws?room=${encodeURIComponent(room)}&name=${encodeURIComponent(name)}`;
   status(`connecting to ${room}…`);
   const ws = new WebSocket(url);
+  const target = wanted;
+  let welcomed = false;
   socket = ws;
   ws.onmessage = (event) => {
     const frame = JSON.parse(event.data);
     switch (frame.type) {
       case "welcome":
+        welcomed = true;
         retry = 0;
         connected(true);
         status(`in ${frame.room} as ${frame.name}, served by ${frame.instance}`, "up");
@@ -75,11 +103,11 @@ function connect() {
         showMessage(frame);
         break;
       case "joined":
-        line("system", [[null, `${frame.name} joined`]]);
+        line("system", [["when", at(frame)], [null, `${frame.name} joined`]]);
         showMembers(frame.members);
         break;
       case "left":
-        line("system", [[null, `${frame.name} left`]]);
+        line("system", [["when", at(frame)], [null, `${frame.name} left`]]);
         showMembers(frame.members);
         break;
       case "error":
@@ -90,13 +118,22 @@ function connect() {
         break;
     }
   };
-  ws.onclose = (event) => {
+  ws.onclose = async (event) => {
     if (socket !== ws) return; // replaced by a newer connection
     socket = null;
     connected(false);
     if (!wanted) {
       status("not connected");
       return;
+    }
+    if (!welcomed) {
+      const reason = await refusal(url);
+      if (wanted !== target || socket) return; // the user joined elsewhere meanwhile
+      if (reason) {
+        wanted = null;
+        status(`refused: ${reason}`, "refused");
+        return;
+      }
     }
     // Back off 0.5 s, 1 s, 2 s … up to 10 s, so a restarting server is not
     // flooded by every page at once.

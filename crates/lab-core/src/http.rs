@@ -6,15 +6,16 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{
     Router,
+    extract::connect_info::Connected,
     extract::{DefaultBodyLimit, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
-    serve::ListenerExt,
+    serve::IncomingStream,
 };
 use futures::future::{BoxFuture, join_all};
 use serde::Serialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{ApiError, metrics::Metrics};
@@ -34,6 +35,7 @@ type Probe = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Syn
 pub struct Dependency {
     name: &'static str,
     probe: Probe,
+    warning: Option<Arc<dyn Fn() -> Option<String> + Send + Sync>>,
 }
 
 impl Dependency {
@@ -46,7 +48,19 @@ impl Dependency {
         Self {
             name,
             probe: Arc::new(move || Box::pin(probe())),
+            warning: None,
         }
+    }
+
+    /// Adds a warning to the check while `warning` says one: the service
+    /// works and stays ready, but something about it deserves a look (a
+    /// Redis that forgets what write-behind acknowledged, say).
+    pub fn with_warning(
+        mut self,
+        warning: impl Fn() -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.warning = Some(Arc::new(warning));
+        self
     }
 
     pub fn name(&self) -> &'static str {
@@ -109,6 +123,8 @@ struct Check {
     ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<String>,
 }
 
 /// 200 when every dependency answers; 503 naming each one that does not.
@@ -121,6 +137,7 @@ async fn readyz(State(ops): State<Ops>) -> Response {
         .map(|(dep, result)| Check {
             name: dep.name,
             ok: result.is_ok(),
+            warning: dep.warning.as_ref().and_then(|warning| warning()),
             error: result.err(),
         })
         .collect();
@@ -178,16 +195,51 @@ pub async fn serve(
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    // Nagle's algorithm holds small writes back waiting for an ACK, which adds
-    // up to ~40 ms to a small response on some stacks. Latency labs turn it off.
-    let listener = listener.tap_io(|tcp| {
+    axum::serve(Tuned(listener), router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// The listener [`serve`] accepts on: a `TcpListener` whose connections
+/// all get `TCP_NODELAY`. Nagle's algorithm holds small writes back waiting
+/// for an ACK, which adds up to ~40 ms to a small response on some stacks;
+/// latency labs turn it off.
+pub struct Tuned(TcpListener);
+
+impl axum::serve::Listener for Tuned {
+    type Io = TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, std::net::SocketAddr) {
+        let (tcp, addr) = axum::serve::Listener::accept(&mut self.0).await;
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::warn!(%err, "cannot set TCP_NODELAY");
         }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+        (tcp, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+/// Like [`serve`], and hands every request `ConnectInfo<C>`, made by `C`
+/// from its connection when it was accepted (chat keeps a handle on each
+/// WebSocket's socket this way, to size its send buffer).
+pub async fn serve_with_connect_info<C>(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()>
+where
+    C: for<'a> Connected<IncomingStream<'a, Tuned>> + Clone + Send + Sync + 'static,
+{
+    axum::serve(
+        Tuned(listener),
+        router.into_make_service_with_connect_info::<C>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
 }
 
 /// Binds `addr`, saying which setting to change when the port is taken.

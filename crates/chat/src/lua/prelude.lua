@@ -1,7 +1,9 @@
 -- Shared by every chat script (prepended in store.rs).
 -- Presence is a sorted set per room: member "<name>\n<connection id>",
 -- score = when the entry expires (ms). Instances refresh their own entries;
--- an entry whose instance died expires and is swept.
+-- an entry whose instance died expires and is swept. Entries are per
+-- connection, announcements per name: a name joins with its first
+-- connection and leaves with its last.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -22,9 +24,27 @@ local function names(members_key, now)
   return out
 end
 
-local function presence(kind, channel, room, name, conn, members)
-  redis.call('PUBLISH', channel, cjson.encode({
-    type = kind, room = room, name = name, conn = conn, members = members }))
+-- Whether a name has a live entry in the room: one connection of several
+-- (two tabs, two instances) leaving does not make the name leave.
+local function present(members_key, name, now)
+  local prefix = name .. '\n'
+  for _, entry in ipairs(redis.call('ZRANGEBYSCORE', members_key, now, '+inf')) do
+    if string.sub(entry, 1, #prefix) == prefix then
+      return true
+    end
+  end
+  return false
+end
+
+-- Publishes a change of who is present, with the member list after it and
+-- when it happened by Redis's clock (`at`, ms): one clock for every instance.
+-- `extra` adds fields (the connection id of a join).
+local function presence(kind, channel, room, name, members, now, extra)
+  local event = { type = kind, room = room, name = name, members = members, at = now }
+  for key, value in pairs(extra or {}) do
+    event[key] = value
+  end
+  redis.call('PUBLISH', channel, cjson.encode(event))
 end
 
 -- A room nobody is in any more leaves the room list, and its history
