@@ -12,7 +12,8 @@ use crate::{
 pub struct Caching {
     pub http: reqwest::Client,
     pub prefix: String,
-    /// A direct connection to the real Redis (not through any proxy).
+    /// A direct connection to the Redis the service uses (never through a
+    /// proxy).
     pub redis: lab_core::redis::Redis,
 }
 
@@ -62,6 +63,22 @@ impl Running<Caching> {
                 settings,
                 shutdown,
             )
+        })
+    }
+
+    /// Starts the service against a Redis of the test's own (a
+    /// [`PrivateRedis`](crate::PrivateRedis), say); the test's direct
+    /// connection goes to that Redis too.
+    pub async fn start_on_redis(pool: PgPool, settings: caching::Settings, url: &str) -> Self {
+        let app = Caching {
+            http: reqwest::Client::new(),
+            prefix: settings.key_prefix.clone(),
+            redis: redis_connection(url).await,
+        };
+        let service_redis = lab_core::redis::connect(url).unwrap();
+        let url = url.to_owned();
+        Running::spawn(ephemeral_listener().await, app, |listener, shutdown| {
+            caching::serve(listener, pool, service_redis, url, settings, shutdown)
         })
     }
 

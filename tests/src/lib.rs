@@ -9,6 +9,8 @@
 //!   [`telemetry`], each the lab's harness on top of [`running::Running`].
 //! - [`browser`]: headless Chromium for the pages the labs serve.
 //! - [`mqtt`]: the shared broker, a private Mosquitto, a bare MQTT client.
+//! - [`redis_server`]: a private Redis with a chosen persistence mode, to
+//!   restart.
 
 pub mod browser;
 pub mod caching;
@@ -17,6 +19,7 @@ pub mod chat;
 pub mod common;
 pub mod mqtt;
 pub mod outbox;
+pub mod redis_server;
 pub mod running;
 pub mod telemetry;
 
@@ -31,6 +34,7 @@ pub use self::{
     },
     mqtt::{MqttClient, PrivateBroker, mqtt_url},
     outbox::{OutboxTopology, Service},
+    redis_server::{Persistence, PrivateRedis},
     running::Running,
     telemetry::TelemetryApp,
 };

@@ -3,8 +3,16 @@
 //! Run one: `cargo test -p workshop --test caching <name>`.
 //! Each test gets a fresh database from `#[sqlx::test]` and its own key
 //! prefix in the shared Redis; outages go through a proxy the test cuts.
+//! A Redis crash, and Redis's persistence modes, happen on a private Redis
+//! of the test's own ([`PrivateRedis`]).
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use futures::{StreamExt, future::join_all, stream};
 use lab_core::proxy::Proxy;
@@ -12,7 +20,8 @@ use redis::AsyncCommands;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use workshop::{CachingApp, eventually, redis_url};
+use tokio_util::sync::CancellationToken;
+use workshop::{CachingApp, Persistence, PrivateRedis, eventually, redis_url};
 
 async fn create_profile(app: &CachingApp, name: &str) -> String {
     let response = app
@@ -590,14 +599,27 @@ async fn bad_input_gets_the_documented_error(pool: PgPool) {
 async fn stats_show_redis_and_readyz_checks_both_backends(pool: PgPool) {
     let app = CachingApp::start(pool, CachingApp::settings()).await;
     let ready = app.get_json("/readyz").await;
+    let checks: Vec<(Value, Value)> = ready["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].clone(), c["ok"].clone()))
+        .collect();
     assert_eq!(
-        ready["checks"],
-        json!([{"name": "postgres", "ok": true}, {"name": "redis", "ok": true}])
+        checks,
+        [
+            (json!("postgres"), json!(true)),
+            (json!("redis"), json!(true))
+        ],
+        "{ready}"
     );
     let stats = app.stats().await;
     assert!(stats["redis"]["keys"].is_u64(), "{stats}");
     assert!(stats["redis"]["evicted_keys"].is_u64(), "{stats}");
     assert!(stats["redis"]["maxmemory_policy"].is_string(), "{stats}");
+    // Whatever the shared Redis runs with, the service says which mode it is.
+    let mode = &stats["write_behind"]["durability"]["mode"];
+    assert!(mode.is_string() && mode != "unknown", "{stats}");
     app.finish().await.unwrap();
 }
 
@@ -798,4 +820,280 @@ async fn an_inventory_key_lives_at_most_its_ttl(pool: PgPool) {
         .unwrap();
     assert!((1..=33_000).contains(&ttl), "PTTL {ttl}");
     app.finish().await.unwrap();
+}
+
+/// A steady stream of views of one page, about a hundred a second, one after
+/// another, counting what was acknowledged (202) and what was not.
+struct ViewStream {
+    acked: Arc<AtomicU64>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<(u64, u64)>,
+}
+
+impl ViewStream {
+    fn start(app: &CachingApp, page: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        let url = app.url(&format!("/pages/{page}/views"));
+        let (acked, stop) = (Arc::new(AtomicU64::new(0)), CancellationToken::new());
+        let task = tokio::spawn({
+            let (acked, stop) = (acked.clone(), stop.clone());
+            async move {
+                let mut failed = 0;
+                while !stop.is_cancelled() {
+                    match http.post(&url).send().await {
+                        Ok(r) if r.status() == StatusCode::ACCEPTED => {
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        }
+                        _ => failed += 1,
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                (acked.load(Ordering::SeqCst), failed)
+            }
+        });
+        Self { acked, stop, task }
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    /// Stops the stream: (acknowledged, not acknowledged).
+    async fn stop(self) -> (u64, u64) {
+        self.stop.cancel();
+        self.task.await.unwrap()
+    }
+}
+
+/// What a Redis crash in the middle of a stream of views left behind.
+#[derive(Debug)]
+struct AfterCrash {
+    acked: u64,
+    failed: u64,
+    in_postgres: i64,
+    immediate: i64,
+}
+
+impl AfterCrash {
+    /// Acknowledged views that never reached Postgres.
+    fn lost(&self) -> u64 {
+        self.acked.saturating_sub(self.in_postgres as u64)
+    }
+}
+
+/// Streams views of `page`; once some are in Postgres, kills Redis (SIGKILL,
+/// as a crash) and starts it again; once more views have been acknowledged,
+/// stops, lets the flusher empty the stream, and reads both counts.
+async fn crash_redis_under_a_stream_of_views(
+    app: &CachingApp,
+    redis: &mut PrivateRedis,
+    page: &str,
+) -> AfterCrash {
+    let views = ViewStream::start(app, page);
+    let limit = Duration::from_secs(30);
+    eventually("views flushed before the crash", limit, || async {
+        (views.acked() >= 50 && db_views(app, page).await > 0).then_some(())
+    })
+    .await;
+    redis.kill();
+    redis.start_again().await;
+    let at_restart = views.acked();
+    eventually("views acknowledged after the restart", limit, || async {
+        (views.acked() >= at_restart + 50).then_some(())
+    })
+    .await;
+    let (acked, failed) = views.stop().await;
+    eventually("the flusher empties the stream", limit, || async {
+        (app.stats().await["write_behind"]["pending"] == 0).then_some(())
+    })
+    .await;
+    let immediate = app.get_json(&format!("/pages/{page}/views")).await;
+    AfterCrash {
+        acked,
+        failed,
+        in_postgres: db_views(app, page).await,
+        immediate: immediate["views"].as_i64().unwrap(),
+    }
+}
+
+/// The `redis` entry of `/readyz`.
+async fn redis_readiness(app: &CachingApp) -> Value {
+    let ready = app.get_json("/readyz").await;
+    ready["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "redis")
+        .cloned()
+        .unwrap_or_else(|| panic!("no redis check: {ready}"))
+}
+
+/// Waits until `/stats` reports `mode`, then returns the durability section.
+async fn durability_reported(app: &CachingApp, mode: &str) -> Value {
+    eventually(
+        &format!("/stats reports Redis persistence {mode:?}"),
+        Duration::from_secs(10),
+        || async {
+            let durability = app.stats().await["write_behind"]["durability"].clone();
+            (durability["mode"] == mode).then_some(durability)
+        },
+    )
+    .await
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn with_aof_always_a_redis_crash_loses_no_acknowledged_view(pool: PgPool) {
+    let mut redis = PrivateRedis::start(Persistence::Always).await;
+    let settings = caching::Settings {
+        flush_interval_ms: 1000,
+        ..CachingApp::settings()
+    };
+    let app = CachingApp::start_on_redis(pool, settings, &redis.url()).await;
+
+    let after = crash_redis_under_a_stream_of_views(&app, &mut redis, "steady").await;
+    println!("appendfsync always: {after:?}, lost {}", after.lost());
+    assert_eq!(after.lost(), 0, "acknowledged views lost: {after:?}");
+    assert!(
+        after.in_postgres as u64 <= after.acked + after.failed,
+        "counted views nobody posted: {after:?}"
+    );
+    assert_eq!(after.immediate, after.in_postgres, "{after:?}");
+
+    let durability = durability_reported(&app, "always").await;
+    assert!(
+        durability["restarts_seen"].as_u64() >= Some(1),
+        "{durability}"
+    );
+    let ready = redis_readiness(&app).await;
+    assert!(ready.get("warning").is_none(), "{ready}");
+    app.finish().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn without_aof_a_redis_crash_loses_unflushed_views_and_the_service_says_so(pool: PgPool) {
+    let mut redis = PrivateRedis::start(Persistence::None).await;
+    let settings = caching::Settings {
+        flush_interval_ms: 1000,
+        ..CachingApp::settings()
+    };
+    let app = CachingApp::start_on_redis(pool, settings, &redis.url()).await;
+
+    let after = crash_redis_under_a_stream_of_views(&app, &mut redis, "steady").await;
+    // Whatever was still in Redis at the crash is gone: how much depends on
+    // where the flusher was (up to FLUSH_INTERVAL_MS of views).
+    println!("no append-only file: {after:?}, lost {}", after.lost());
+    assert!(
+        after.in_postgres as u64 <= after.acked + after.failed,
+        "counted views nobody posted: {after:?}"
+    );
+    assert_eq!(
+        after.immediate, after.in_postgres,
+        "the immediate count is rebuilt from Postgres plus what is pending, \
+         not restarted from zero: {after:?}"
+    );
+
+    // The service says what it runs on and what that costs.
+    let durability = durability_reported(&app, "none").await;
+    assert!(
+        durability["restarts_seen"].as_u64() >= Some(1),
+        "{durability}"
+    );
+    let ready = redis_readiness(&app).await;
+    assert_eq!(ready["ok"], true, "a warning, not a failure: {ready}");
+    let warning = ready["warning"].as_str().unwrap_or_default();
+    assert!(
+        warning.contains("appendonly") && warning.contains("lose"),
+        "{ready}"
+    );
+    app.finish().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn the_persistence_mode_is_checked_again_while_the_service_runs(pool: PgPool) {
+    let redis = PrivateRedis::start(Persistence::None).await;
+    let app = CachingApp::start_on_redis(pool, CachingApp::settings(), &redis.url()).await;
+    durability_reported(&app, "none").await;
+
+    let mut conn = app.redis.clone();
+    for (name, value) in [("appendfsync", "always"), ("appendonly", "yes")] {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    durability_reported(&app, "always").await;
+    let ready = redis_readiness(&app).await;
+    assert!(ready.get("warning").is_none(), "{ready}");
+    app.finish().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn an_immediate_count_redis_lost_is_rebuilt_from_postgres_plus_pending(pool: PgPool) {
+    // 30 views reach Postgres; the service drains and stops.
+    let settings = CachingApp::settings();
+    let first = CachingApp::start(pool.clone(), settings.clone()).await;
+    post_views(&first, "lost", 30).await;
+    first.stop().await.unwrap();
+
+    // 20 more go to a service that flushes once an hour: after the flush it
+    // makes as it starts (which may catch a few), the rest wait in the stream.
+    let app = CachingApp::start(
+        pool.clone(),
+        caching::Settings {
+            flush_interval_ms: 3_600_000,
+            ..settings
+        },
+    )
+    .await;
+    post_views(&app, "lost", 20).await;
+
+    // Redis forgets the counter (as a restart without persistence does).
+    let mut redis = app.redis.clone();
+    let () = redis
+        .del(format!("{}views:count:lost", app.prefix))
+        .await
+        .unwrap();
+    let immediate = app.get_json("/pages/lost/views").await;
+    assert_eq!(immediate["views"], 50, "Postgres plus pending: {immediate}");
+    post_views(&app, "lost", 1).await;
+    assert_eq!(app.get_json("/pages/lost/views").await["views"], 51);
+    app.finish().await.unwrap();
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT views FROM page_views WHERE page = 'lost'")
+            .fetch_one(&pool)
+            .await
+            .unwrap(),
+        51
+    );
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn shutdown_drains_views_taken_after_redis_restarted_empty(pool: PgPool) {
+    // A flusher that would wait an hour: only the shutdown drain moves views.
+    let mut redis = PrivateRedis::start(Persistence::None).await;
+    let settings = caching::Settings {
+        flush_interval_ms: 3_600_000,
+        ..CachingApp::settings()
+    };
+    let app = CachingApp::start_on_redis(pool.clone(), settings, &redis.url()).await;
+    post_views(&app, "gone", 5).await;
+    // Redis comes back empty: the stream and its group are gone, and with
+    // them the views the flusher had not taken as it started.
+    redis.kill();
+    redis.start_again().await;
+    app.wait_until_ready().await;
+    post_views(&app, "after", 7).await;
+    app.stop().await.expect("a clean stop");
+
+    let after: i64 = sqlx::query_scalar("SELECT views FROM page_views WHERE page = 'after'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(after, 7, "the drain made the group again");
 }

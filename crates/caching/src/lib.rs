@@ -6,15 +6,20 @@
 //!   latest write, so every write updates Postgres and Redis together.
 //! - **Write-behind** for page views ([`views`]): write-heavy, so a view is
 //!   acknowledged once Redis has it and a flusher moves views to Postgres in
-//!   batches.
+//!   batches. An acknowledged view is then exactly as durable as Redis's
+//!   persistence mode ([`durability`]); the immediate count is rebuilt from
+//!   Postgres plus what is pending when Redis forgets it ([`counts`]).
 //!
 //! Each strategy also shows how it fails: a cache stampede when protection is
-//! off, eviction under `maxmemory`, and what each one does while Redis is
-//! down. `GET /stats` shows the counters that make this visible.
+//! off, eviction under `maxmemory`, what each one does while Redis is down,
+//! and what write-behind loses when Redis restarts. `GET /stats` shows the
+//! counters that make this visible.
 //!
 //! Try it: `cargo run -p lab -- up --only caching`, then the curl lines in
 //! docs/labs/caching.md.
 
+pub mod counts;
+pub mod durability;
 pub mod inventory;
 pub mod profiles;
 pub mod stats;
@@ -186,6 +191,8 @@ pub struct App {
     /// (by it or a process before it). Until then no inventory read trusts
     /// Redis: any key might be one of them.
     pub(crate) repairs_known: Arc<AtomicBool>,
+    /// Redis's persistence mode, and whether Redis restarted.
+    pub(crate) durability: Arc<durability::Durability>,
 }
 
 impl App {
@@ -205,6 +212,7 @@ impl App {
             flights: Arc::default(),
             stale: Arc::default(),
             repairs_known: Arc::default(),
+            durability: Arc::default(),
         }
     }
 
@@ -308,9 +316,12 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new("caching");
     let app = App::new(pool.clone(), redis.clone(), &redis_url, settings, &metrics);
+    let durable = app.durability.clone();
     let dependencies = vec![
         lab_core::postgres::dependency(pool),
-        lab_core::redis::dependency(redis, &redis_url),
+        // Ready either way, but warned while Redis forgets what write-behind
+        // acknowledged.
+        lab_core::redis::dependency(redis, &redis_url).with_warning(move || durable.warning()),
     ];
     let router = lab_core::http::service_router(routes(app.clone()), dependencies, metrics);
 
@@ -329,6 +340,9 @@ pub async fn serve(
     // Before the first request: a key a previous process left to repair is
     // bypassed from the start (the loop finds it too, if Postgres is late).
     remember_recorded_repairs(&app).await;
+    // Likewise Redis's persistence mode, for the first /stats and /readyz.
+    let _ = tokio::time::timeout(Duration::from_secs(2), durability::check(&app)).await;
+    let watcher = durability::watch(app.clone(), shutdown.clone());
     let invalidator = retry_invalidations(app, shutdown.clone());
     lab_core::shutdown::supervise(
         &shutdown,
@@ -336,6 +350,7 @@ pub async fn serve(
             ("HTTP server", Box::pin(http)),
             ("write-behind flusher", Box::pin(flusher)),
             ("invalidator", Box::pin(invalidator)),
+            ("durability watcher", Box::pin(watcher)),
         ],
     )
     .await?;
@@ -409,6 +424,26 @@ async fn remember_recorded_repairs(app: &App) {
 #[cfg(test)]
 mod tests {
     use super::jittered_ttl;
+
+    #[test]
+    fn the_openapi_document_describes_stats_and_its_durability() {
+        use utoipa::OpenApi;
+        let doc = serde_json::to_value(super::ApiDoc::openapi()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let durability = &schemas["Durability"]["properties"];
+        assert!(durability["mode"].is_object(), "{durability}");
+        assert!(
+            schemas["PersistenceMode"]["enum"]
+                .as_array()
+                .is_some_and(|modes| {
+                    ["none", "snapshots", "everysec", "always"]
+                        .iter()
+                        .all(|m| modes.contains(&(*m).into()))
+                })
+        );
+        let stats = &schemas["WriteBehind"]["properties"];
+        assert!(stats["durability"].is_object(), "{stats}");
+    }
 
     #[test]
     fn ttl_jitter_stays_within_ten_percent() {

@@ -2,8 +2,8 @@
 //! views to Postgres later, in batches.
 //!
 //! `POST /pages/{page}/views` appends an entry to a Redis Stream and bumps a
-//! Redis counter in one MULTI, then answers 202 at once. A flusher reads the
-//! stream through a consumer group and commits batches to Postgres. The
+//! Redis counter in one script, then answers 202 at once. A flusher reads
+//! the stream through a consumer group and commits batches to Postgres. The
 //! stream is what makes it safe, where a bare `INCR` would not be:
 //!
 //! - A flusher that dies after reading a batch, before committing it, leaves
@@ -15,8 +15,15 @@
 //! - On shutdown the HTTP server stops first, then the flusher drains what
 //!   the stream still holds.
 //!
+//! What none of this helps with: until a view is flushed, Redis holds its
+//! only copy, so a 202 is exactly as durable as Redis's persistence mode
+//! ([`crate::durability`]). A Redis that restarts without an append-only
+//! file loses every view not yet flushed; the stream, its group and the
+//! counters start again empty, and the flusher creates the group again.
+//!
 //! The price of write-behind shows in `GET /pages/{page}/views`: the Redis
-//! count is immediate, `?source=db` lags by up to a flush interval.
+//! count is immediate ([`crate::counts`] keeps it right across a restart),
+//! `?source=db` lags by up to a flush interval.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use utoipa::{IntoParams, ToSchema};
 
-use crate::{App, Result, invalid};
+use crate::{App, Result, counts, invalid};
 
 const GROUP: &str = "flushers";
 
@@ -48,18 +55,20 @@ fn validate_page(page: &str) -> Result<()> {
     }
 }
 
-fn stream_key(app: &App) -> String {
+pub(crate) fn stream_key(app: &App) -> String {
     app.key("views:stream")
 }
 
-fn counter_key(app: &App, page: &str) -> String {
+pub(crate) fn counter_key(app: &App, page: &str) -> String {
     app.key(&format!("views:count:{page}"))
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Views {
     pub page: String,
-    pub views: i64,
+    /// Null only in a 202 whose count Redis had forgotten and Postgres could
+    /// not be read to rebuild: the view was taken all the same.
+    pub views: Option<i64>,
     /// `redis` (immediate) or `db` (as of the last flush).
     pub source: String,
 }
@@ -70,8 +79,9 @@ pub struct Views {
     post, path = "/pages/{page}/views",
     params(("page" = String, Path, description = "1–100 of A-Z a-z 0-9 - _ .")),
     responses(
-        (status = 202, body = Views), (status = 422, body = ErrorBody),
-        (status = 503, description = "Redis is down; the view was not taken", body = ErrorBody),
+        (status = 202, description = "Redis has the view: as durable as Redis's persistence mode (`write_behind.durability` in /stats)", body = Views),
+        (status = 422, body = ErrorBody),
+        (status = 503, description = "Redis is down, or did not answer in time (then the view may still land)", body = ErrorBody),
     )
 )]
 pub async fn record(
@@ -79,22 +89,10 @@ pub async fn record(
     Path(page): Path<String>,
 ) -> Result<(StatusCode, Json<Views>)> {
     validate_page(&page)?;
-    let mut conn = app.redis.clone();
-    let (views,): (i64,) = redis::pipe()
-        .atomic()
-        .cmd("XADD")
-        .arg(stream_key(&app))
-        .arg("*")
-        .arg("page")
-        .arg(&page)
-        .ignore()
-        .incr(counter_key(&app, &page), 1)
-        .query_async(&mut conn)
-        .await
-        .map_err(|err| {
-            DependencyError::redis(&app.redis_place, &err)
-                .explain("write-behind needs Redis to accept a view")
-        })?;
+    let views = counts::record(&app, &page).await.map_err(|err| {
+        DependencyError::redis(&app.redis_place, &err)
+            .explain("write-behind needs Redis to accept a view")
+    })?;
     let body = Views {
         page,
         views,
@@ -127,14 +125,9 @@ pub async fn get(
     validate_page(&page)?;
     let views = match params.source.as_deref() {
         None | Some("redis") => {
-            let mut conn = app.redis.clone();
-            let count: Option<i64> = conn
-                .get(counter_key(&app, &page))
-                .await
-                .map_err(|err| app.redis_error(&err))?;
             return Ok(Json(Views {
+                views: Some(counts::get(&app, &page).await?),
                 page,
-                views: count.unwrap_or(0),
                 source: "redis".into(),
             }));
         }
@@ -151,7 +144,7 @@ pub async fn get(
     };
     Ok(Json(Views {
         page,
-        views,
+        views: Some(views),
         source: "db".into(),
     }))
 }
@@ -211,7 +204,7 @@ impl Flusher {
         let mut group_ready = false;
         loop {
             if stop.is_cancelled() {
-                return self.drain(group_ready).await;
+                return self.drain().await;
             }
             if !group_ready {
                 group_ready = self.create_group().await.is_ok();
@@ -239,8 +232,11 @@ impl Flusher {
         }
     }
 
-    async fn drain(&self, group_ready: bool) -> anyhow::Result<()> {
-        if !group_ready && self.create_group().await.is_err() {
+    /// Moves what the stream holds, after the HTTP server has stopped. The
+    /// group is created first whatever the loop knew: a Redis that restarted
+    /// without persistence since the last flush has lost it.
+    async fn drain(&self) -> anyhow::Result<()> {
+        if self.create_group().await.is_err() {
             tracing::warn!("Redis is down; unflushed views stay in the stream for the next start");
             return Ok(());
         }
@@ -382,6 +378,8 @@ pub async fn apply(app: &App, entries: &[StreamId]) -> Result<u64> {
         }
     }
     let mut tx = app.pool.begin().await.map_err(|err| app.pg_error(err))?;
+    // No batch commits while an immediate count is being rebuilt.
+    counts::lock_shared(app, &mut tx).await?;
     // Only entries not seen before survive the ON CONFLICT; count just those.
     let counted: u64 = sqlx::query_scalar(
         "WITH batch AS (
