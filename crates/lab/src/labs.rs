@@ -1,6 +1,7 @@
-//! The one list of labs. `lab up` runs them and `lab doctor` checks their
-//! ports from here; adding a lab means one variant, one arm in [`Lab::run`]
-//! and one in [`Lab::listeners`], and its settings in [`LabSettings`].
+//! The one list of labs. `lab up` runs them, `lab doctor` checks their
+//! ports and `lab reset` empties them from here; adding a lab means one
+//! variant, one arm in [`Lab::run`], [`Lab::listeners`] and [`Lab::kept`],
+//! and its settings in [`LabSettings`].
 //!
 //! Each lab's settings name their own listen addresses (`Settings::listeners`),
 //! so nothing here repeats a port or a variable name.
@@ -9,6 +10,8 @@ use clap::{Args, ValueEnum};
 use futures::future::BoxFuture;
 use lab_core::config::{AmqpConfig, Listen, MqttConfig, PostgresConfig, RedisConfig};
 use tokio_util::sync::CancellationToken;
+
+use crate::reset::Kept;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lab {
@@ -75,6 +78,53 @@ impl Lab {
             Lab::Outbox => settings.outbox.listeners(),
             Lab::Chat => settings.chat.listeners(),
             Lab::Telemetry => settings.telemetry.listeners(),
+        }
+    }
+
+    /// What the lab keeps in the backing services: what `lab reset`
+    /// empties. A unit test checks that every table the migrations create
+    /// belongs to exactly one lab.
+    pub fn kept(self, settings: &LabSettings) -> Kept {
+        let (tables, redis_prefix, queues): (&'static [&'static str], _, _) = match self {
+            Lab::Catalog => (&["products"], None, vec![]),
+            Lab::Caching => (
+                &[
+                    "profiles",
+                    "inventory",
+                    "inventory_cache_repairs",
+                    "page_views",
+                    "page_view_entries",
+                ],
+                Some(settings.caching.key_prefix.clone()),
+                vec![],
+            ),
+            Lab::Outbox => (
+                &[
+                    "orders",
+                    "idempotency_keys",
+                    "outbox",
+                    "order_progress",
+                    "processed_events",
+                    "parked_events",
+                    "notifications",
+                ],
+                None,
+                vec![
+                    settings.outbox.queue.clone(),
+                    format!("{}.dlq", settings.outbox.queue),
+                ],
+            ),
+            Lab::Chat => (&[], Some(settings.chat.key_prefix.clone()), vec![]),
+            Lab::Telemetry => (
+                &["devices", "readings", "rejects", "commands", "alerts"],
+                None,
+                vec![],
+            ),
+        };
+        Kept {
+            tables,
+            redis_prefix,
+            queues,
         }
     }
 

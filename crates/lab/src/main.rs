@@ -4,15 +4,19 @@
 //! - `lab bench <lab>` measures a running lab and prints ratios side by side.
 //! - `lab chaos <lab>` breaks something on purpose and counts what survived.
 //! - `lab doctor` checks what a lab needs and says what to fix.
+//! - `lab reset` empties a lab's tables, keys and queues for a clean start.
+//! - `lab watch <lab>` prints a lab's key counters as a live table.
 //! - `lab sim devices` runs a fleet of simulated thermostats.
 
 mod bench;
 mod chaos;
 mod doctor;
 mod labs;
+mod reset;
 mod scratch;
 mod sim;
 mod up;
+mod watch;
 
 use clap::{Parser, Subcommand};
 use lab_core::config::LogConfig;
@@ -42,6 +46,10 @@ enum Command {
     Chaos(chaos::Chaos),
     /// Check the backing services and the lab ports, and say what to fix.
     Doctor(doctor::Doctor),
+    /// Empty a lab's tables, Redis keys and queues (the lab must be stopped).
+    Reset(reset::Reset),
+    /// Follow a running lab's key counters, one row per second.
+    Watch(watch::Watch),
     /// Drive a lab with simulated clients.
     #[command(subcommand)]
     Sim(sim::Sim),
@@ -64,7 +72,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(bench) => bench.run().await,
         Command::Chaos(chaos) => chaos.run().await,
         Command::Doctor(doctor) => doctor::run(doctor).await,
+        Command::Reset(reset) => reset::run(reset).await,
         Command::Sim(sim) => sim.run().await,
+        Command::Watch(watch) => watch::run(watch).await,
     }
 }
 

@@ -52,6 +52,8 @@ const CHECKED_PREFIXES: &[&str] = &[
     "lab doctor",
     "lab chaos",
     "lab sim",
+    "lab watch",
+    "lab reset",
     "cargo run -p lab -- bench",
     "cargo run -p lab -- doctor",
     "cargo run --release -p lab -- bench",
@@ -224,7 +226,8 @@ fn start_lab(bin: &Path, database_url: &str, log: PathBuf) -> LabUp {
         ("TELEMETRY_CLIENT_ID", format!("lab-docs-{pid}")),
         ("TELEMETRY_SHARE_GROUP", format!("lab-docs-{pid}")),
         ("INGEST_SESSION_EXPIRY_SECS", "60".into()),
-        ("RUST_LOG", "warn".into()),
+        // Info, so the log has lines for `logs_carry_no_colour_codes` to read.
+        ("RUST_LOG", "info,lapin=warn".into()),
     ]
     .map(|(k, v)| (k.to_owned(), v));
     LabUp::start(bin, &envs, &READY_PORTS, log)
@@ -239,6 +242,20 @@ const READY_PORTS: [u16; 7] = [8080, 8081, 8082, 8083, 8084, 9082, 9083];
 /// a second chat instance a document starts shares the docs' rooms.
 fn chat_prefix() -> String {
     format!("lab:docs:{}:chat:", std::process::id())
+}
+
+/// Logs redirected to a file are read by people and by `grep`: colour
+/// codes belong only on a terminal.
+fn colour_codes_in(log: &str) -> Option<String> {
+    if !log.contains("listening") {
+        return Some(format!(
+            "lab up's log (at info) has no `listening` line to check:\n{log}"
+        ));
+    }
+    let line = log.lines().find(|line| line.contains('\x1b'))?;
+    Some(format!(
+        "lab up's log, redirected to a file, carries ANSI colour codes: {line:?}"
+    ))
 }
 
 /// Rewrites `cargo run [--release] -p lab --` to the `lab` binary on PATH.
@@ -280,11 +297,20 @@ fn every_documented_command_works_as_written() {
 
     for (file, steps) in &files {
         if !steps.is_empty() {
-            run_file(file, steps, &bin, &work, &mut problems);
+            let session = Session {
+                bin: &bin,
+                work: &work,
+                database_url: &database_url,
+            };
+            run_file(file, steps, &session, &mut problems);
         }
     }
 
+    let log = lab.log();
     let status = lab.stop();
+    if let Some(problem) = colour_codes_in(&log) {
+        problems.push(problem);
+    }
     if !status.success() {
         problems.push(format!(
             "lab up exited with {status} after SIGTERM; expected 0"
@@ -305,9 +331,20 @@ fn every_documented_command_works_as_written() {
     println!("docs: {total} documented commands checked");
 }
 
+/// What every document's bash session shares.
+struct Session<'a> {
+    /// The `lab` binary under test.
+    bin: &'a Path,
+    work: &'a Path,
+    /// The database `lab up` uses; the session's `DATABASE_URL`, so a
+    /// document's `psql "$DATABASE_URL"` looks at the lab's tables.
+    database_url: &'a str,
+}
+
 /// Runs one file's commands in one bash session, then compares each output.
-fn run_file(file: &str, steps: &[Step], bin: &Path, work: &Path, problems: &mut Vec<String>) {
-    let dir = work.join(file.replace('/', "_"));
+fn run_file(file: &str, steps: &[Step], session: &Session, problems: &mut Vec<String>) {
+    let bin = session.bin;
+    let dir = session.work.join(file.replace('/', "_"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut script = String::from("set -o pipefail\n");
     for (i, step) in steps.iter().enumerate() {
@@ -332,6 +369,8 @@ fn run_file(file: &str, steps: &[Step], bin: &Path, work: &Path, problems: &mut 
         .args(["600", "bash", "-c", &script])
         .current_dir(&dir)
         .env("PATH", path)
+        .env("DATABASE_URL", session.database_url)
+        .env("LAB_WATCH_ROWS", "1")
         .env("LAB_BENCH_DURATION", "100ms")
         .env("LAB_BENCH_WARMUP", "0s")
         .env("LAB_BENCH_SEED", "20")

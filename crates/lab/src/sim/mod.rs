@@ -1,5 +1,7 @@
 //! `lab sim …`: simulated clients that drive a lab.
 
+mod chat;
+
 use clap::{Args, Subcommand};
 use lab_core::config::MqttConfig;
 
@@ -7,6 +9,9 @@ use lab_core::config::MqttConfig;
 pub enum Sim {
     /// Simulated thermostats publishing to the telemetry lab's broker until Ctrl-C.
     Devices(Devices),
+    /// A busy room on the running chat lab; `--slow-reader` adds a member
+    /// who stops reading, and says how the server cut it.
+    Chat(chat::ChatSim),
 }
 
 #[derive(Args)]
@@ -24,6 +29,7 @@ impl Sim {
                 let shutdown = lab_core::shutdown::on_signal();
                 telemetry::sim::run(&args.mqtt.mqtt_url, args.settings, shutdown).await
             }
+            Sim::Chat(args) => chat::run(args).await,
         }
     }
 }
