@@ -611,10 +611,10 @@ async fn presence_is_right_after_clean_and_abrupt_disconnects() {
     let joined = ada.next_of("joined").await;
     assert_eq!(members(&joined), ["ada", "eve"]);
     doomed.crash();
-    let left = ada.next_of("left").await;
+    let swept = ada.next_of("members").await;
     assert_eq!(
-        (&left["name"], members(&left)),
-        (&json!("eve"), vec!["ada"])
+        (&swept["gone"], &swept["back"], members(&swept)),
+        (&json!(["eve"]), &json!([]), vec!["ada"])
     );
     assert_eq!(rooms().await, 1);
     quick.stop().await.unwrap();
@@ -1200,6 +1200,113 @@ async fn presence_is_whole_within_seconds_of_a_redis_restart() {
     }
     a.finish().await.unwrap();
     b.finish().await.unwrap();
+}
+
+/// A member of a crowd: it reads everything on a task of its own, as a
+/// page would, and keeps the last frame that carried a member list, as
+/// text (a room of hundreds sends megabytes of lists; only the last is
+/// read). The task ends, with the close frame if any, only if the
+/// connection does.
+struct Crowded {
+    view: std::sync::Arc<std::sync::Mutex<String>>,
+    task: JoinHandle<Option<CloseFrame>>,
+}
+
+impl Crowded {
+    async fn join(url: String) -> Self {
+        let (member, welcome) = Member::join(&url).await;
+        let view = std::sync::Arc::new(std::sync::Mutex::new(welcome.to_string()));
+        let mut ws = member.ws;
+        let last = view.clone();
+        let task = tokio::spawn(async move {
+            while let Some(frame) = ws.next().await {
+                match frame {
+                    Ok(Frame::Text(text)) if text.contains(r#""members":"#) => {
+                        *last.lock().unwrap() = text.to_string();
+                    }
+                    Ok(Frame::Close(close)) => return close,
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+            None
+        });
+        Self { view, task }
+    }
+
+    /// Forgets the list seen so far: the next one must come from the server.
+    fn forget(&self) {
+        *self.view.lock().unwrap() = r#"{"members":[]}"#.into();
+    }
+
+    /// How many members this member's page lists.
+    fn sees(&self) -> usize {
+        let frame: Value = serde_json::from_str(&self.view.lock().unwrap()).unwrap();
+        members(&frame).len()
+    }
+}
+
+async fn slow_disconnects(app: &ChatApp) -> u64 {
+    let metrics = reqwest::get(app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("chat_slow_disconnects_total "))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Waits until every member of `crowd` lists all of them, `/rooms` lists
+/// the room with them, and nobody was cut; fails saying which of these did
+/// not happen.
+async fn crowd_whole(app: &ChatApp, room: &str, crowd: &[Crowded], when: &str) {
+    let n = crowd.len();
+    let listed = json!({"rooms": [{"room": room, "members": n}]});
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let cut = crowd.iter().filter(|m| m.task.is_finished()).count();
+        let whole = crowd.iter().filter(|m| m.sees() == n).count();
+        let rooms = app.get_json("/rooms").await;
+        let slow = slow_disconnects(app).await;
+        if cut == 0 && slow == 0 && whole == n && rooms == listed {
+            return;
+        }
+        if cut > 0 || slow > 0 || tokio::time::Instant::now() > deadline {
+            panic!(
+                "{when}: {cut} of {n} members cut (the server counts {slow} too slow), \
+                 {whole} of {n} pages list everyone, /rooms says {rooms}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowded_room_survives_a_redis_restart_with_nobody_cut() {
+    const CROWD: usize = 400;
+    let mut redis = workshop::PrivateRedis::start(workshop::Persistence::None).await;
+    let app = ChatApp::start_with_redis(ChatApp::settings(), &redis.url()).await;
+    let crowd: Vec<Crowded> = futures::stream::iter(0..CROWD)
+        .map(|i| Crowded::join(app.ws_url("crowd", &format!("m{i:03}"))))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    crowd_whole(&app, "crowd", &crowd, "before the restart").await;
+
+    // Redis restarts empty: the instance puts all 400 back at once. Were
+    // that one announcement per name, each carrying the whole list, every
+    // member would be sent 400 lists of up to 400 names at once: far more
+    // than a queue of 256 frames holds, and everyone would be cut.
+    redis.kill();
+    // Each page must be told the list again, by a frame from after the
+    // restart.
+    crowd.iter().for_each(Crowded::forget);
+    redis.start_again().await;
+    crowd_whole(&app, "crowd", &crowd, "after the restart").await;
+    app.finish().await.unwrap();
 }
 
 #[tokio::test]

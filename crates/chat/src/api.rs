@@ -135,7 +135,7 @@ struct JoinParams {
 ///
 /// After the upgrade the client sends `{"type":"say","text":"…"}` (1–2000
 /// characters, frames up to 16 KiB) and receives `welcome`, `message`,
-/// `joined`, `left`, `error` and `notice` frames. The names are checked
+/// `joined`, `left`, `members`, `error` and `notice` frames. The names are checked
 /// before the upgrade, where the client can still read why one is refused.
 #[utoipa::path(
     get, path = "/ws", params(JoinParams),

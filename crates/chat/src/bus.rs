@@ -27,8 +27,10 @@
 //! When Redis is back, the instance writes all its presence again before
 //! it counts as subscribed (and says so with a `notice`): a Redis that
 //! restarted empty, or swept this instance's members while it could not
-//! refresh them, has them back at once, the rooms listed again, and a
-//! `joined` for each name that was missing. The alternative, leaving it to
+//! refresh them, has them back at once, the rooms listed again, and one
+//! `members` frame per room naming who is back (see
+//! [`protocol`](crate::protocol): a `joined` each would flood a big room).
+//! The alternative, leaving it to
 //! the next periodic refresh (20 s), was a window in which a newcomer's
 //! welcome listed only itself and a member who left was never announced,
 //! as its leave found no entry to remove; and a refresh that failed once

@@ -15,7 +15,8 @@
 //!   its own members, and when it is back catches its rooms up from their
 //!   history.
 //! - [`store`]: history (a capped Redis Stream per room), presence (a
-//!   sorted set per room, one entry per connection, announced per name),
+//!   sorted set per room, one entry per connection, announced per name,
+//!   or in one frame when many change at once),
 //!   and the Lua scripts that change them atomically.
 //! - [`protocol`]: the JSON frames.
 //! - [`api`]: the HTTP side: the page, the upgrade to a WebSocket, and the

@@ -1,16 +1,24 @@
 //! The wire protocol: JSON text frames, one object each, tagged by `type`.
 //!
 //! A client sends `{"type":"say","text":"…"}`. The server sends `welcome`
-//! once, then `message`, `joined`, `left`, and `error` for a frame it could
-//! not use (the connection stays open: one bad frame is the client's
-//! mistake, not a reason to drop everything else it was doing).
+//! once, then `message`, `joined`, `left`, `members`, `notice`, and `error`
+//! for a frame it could not use (the connection stays open: one bad frame
+//! is the client's mistake, not a reason to drop everything else it was
+//! doing).
 //!
 //! Presence is per name: `joined` comes with a name's first connection
 //! and `left` with its last, so two tabs with one name are one member. Each
 //! carries the whole member list, and `at`, when it happened by Redis's
-//! clock (the instance's own while Redis is down): a member whose instance
-//! crashed is announced `left` when its presence entry is swept, and `at`
-//! shows how long after the crash that was.
+//! clock (the instance's own while Redis is down).
+//!
+//! What changes many names at once is one `members` frame per room, with
+//! the whole list and the names changed: `back`, members an instance put
+//! back after Redis lost them (it restarted empty, or swept them while
+//! their instance could not reach it); `gone`, members swept out because
+//! their instance stopped refreshing them (it crashed), `at` showing how
+//! long after the crash that was. A `joined` or `left` per name would send
+//! every member of a room of N, at once, N lists of up to N names: more
+//! than its queue holds, so all of them would be cut as too slow.
 //!
 //! The same events travel between instances over Redis pub/sub as
 //! [`BusEvent`]s, which carry fields the clients never see: the connection
@@ -136,6 +144,16 @@ pub enum ServerEvent<'a> {
         /// When, by the server's clock (RFC 3339, UTC).
         at: &'a str,
     },
+    /// Many names changed at once: the whole list, and which came back
+    /// and which went (either may be empty).
+    Members {
+        room: &'a str,
+        members: &'a [String],
+        back: &'a [String],
+        gone: &'a [String],
+        /// When, by the server's clock (RFC 3339, UTC).
+        at: &'a str,
+    },
     Error {
         code: &'a str,
         message: &'a str,
@@ -169,8 +187,9 @@ pub enum BusEvent {
     Joined {
         room: String,
         name: String,
-        /// The joining connection, which waits for this event; none when
-        /// a refresh put back a member Redis had lost.
+        /// The joining connection, which waits for this event. (join.lua
+        /// always writes it; members a refresh puts back come in a
+        /// `members` event.)
         #[serde(default)]
         conn: Option<String>,
         /// The name was present already (another tab): news to `conn`
@@ -189,6 +208,18 @@ pub enum BusEvent {
         members: Vec<String>,
         at: i64,
     },
+    /// Written by a refresh (`back`) or a sweep (`gone`); the other list
+    /// is absent.
+    Members {
+        room: String,
+        #[serde(deserialize_with = "list")]
+        members: Vec<String>,
+        #[serde(default, deserialize_with = "list")]
+        back: Vec<String>,
+        #[serde(default, deserialize_with = "list")]
+        gone: Vec<String>,
+        at: i64,
+    },
 }
 
 impl BusEvent {
@@ -196,7 +227,8 @@ impl BusEvent {
         match self {
             BusEvent::Message { room, .. }
             | BusEvent::Joined { room, .. }
-            | BusEvent::Left { room, .. } => room,
+            | BusEvent::Left { room, .. }
+            | BusEvent::Members { room, .. } => room,
         }
     }
 
@@ -231,6 +263,20 @@ impl BusEvent {
                 room,
                 name,
                 members,
+                at: &rfc3339(*at),
+            }
+            .frame(),
+            BusEvent::Members {
+                room,
+                members,
+                back,
+                gone,
+                at,
+            } => ServerEvent::Members {
+                room,
+                members,
+                back,
+                gone,
                 at: &rfc3339(*at),
             }
             .frame(),
@@ -368,18 +414,26 @@ mod tests {
         );
         let frame: serde_json::Value = serde_json::from_str(&left.frame()).unwrap();
         assert_eq!(frame["at"], "2025-11-23T12:13:20.123Z");
-        // A member put back by a refresh: no connection waits for it.
+        // Members put back by a refresh: one event, the list of who.
         let back: BusEvent = serde_json::from_str(
-            r#"{"type":"joined","room":"r","name":"a","members":["a"],"at":1}"#,
+            r#"{"type":"members","room":"r","members":["a","b"],"back":["a","b"],"at":1}"#,
+        )
+        .unwrap();
+        let frame: serde_json::Value = serde_json::from_str(&back.frame()).unwrap();
+        assert_eq!(
+            frame,
+            serde_json::json!({"type":"members","room":"r","members":["a","b"],
+                "back":["a","b"],"gone":[],"at":"1970-01-01T00:00:00.001Z"})
+        );
+        // The last members swept out: cjson writes the empty list as `{}`.
+        let gone: BusEvent = serde_json::from_str(
+            r#"{"type":"members","room":"r","members":{},"gone":["a"],"at":1}"#,
         )
         .unwrap();
         assert!(matches!(
-            back,
-            BusEvent::Joined {
-                conn: None,
-                again: false,
-                ..
-            }
+            gone,
+            BusEvent::Members { members, back, gone, .. }
+                if members.is_empty() && back.is_empty() && gone == ["a"]
         ));
         let said: BusEvent = serde_json::from_str(
             r#"{"type":"message","id":"1763900000123-4","room":"r","name":"ada","text":"hi"}"#,

@@ -1,7 +1,9 @@
 // The chat page: one WebSocket to /ws, reconnecting with backoff when it
 // drops. Everything shown comes from the server's frames: `welcome` (members
 // and recent history), `message`, `joined`/`left` (with the member list and
-// the server's time), `error` and `notice`.
+// the server's time), `members` (the list after many changed at once: who
+// is `back` after Redis lost them, who is `gone` with a crashed instance),
+// `error` and `notice`.
 //
 // A WebSocket the server refuses (a bad room or name in the link) only
 // closes with 1006: the browser hides the HTTP answer. So when a connection
@@ -53,6 +55,16 @@ function showMembers(members) {
 function status(text, state) {
   $("status").textContent = text;
   $("status").className = state || "";
+}
+
+// "ada, bob and cy", or "ada, bob, cy and 397 others": a `members` frame
+// may name a whole room.
+function some(names) {
+  const shown = names.slice(0, 3);
+  const others = names.length - shown.length;
+  if (others > 0) return `${shown.join(", ")} and ${others} others`;
+  if (shown.length < 2) return shown.join("");
+  return `${shown.slice(0, -1).join(", ")} and ${shown[shown.length - 1]}`;
 }
 
 // When the server logged a presence change, in local time.
@@ -108,6 +120,15 @@ function connect() {
         break;
       case "left":
         line("system", [["when", at(frame)], [null, `${frame.name} left`]]);
+        showMembers(frame.members);
+        break;
+      case "members":
+        if (frame.back.length) {
+          line("system", [["when", at(frame)], [null, `${some(frame.back)} back after the server lost them`]]);
+        }
+        if (frame.gone.length) {
+          line("system", [["when", at(frame)], [null, `${some(frame.gone)} left: their server stopped answering`]]);
+        }
         showMembers(frame.members);
         break;
       case "error":

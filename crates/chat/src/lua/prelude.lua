@@ -10,7 +10,9 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- The distinct names present in a room, sorted.
+-- The distinct names present in a room, sorted, and the same as a set
+-- (name -> true): one pass over the room, however many names a script
+-- then asks about.
 local function names(members_key, now)
   local seen, out = {}, {}
   for _, entry in ipairs(redis.call('ZRANGEBYSCORE', members_key, now, '+inf')) do
@@ -21,11 +23,13 @@ local function names(members_key, now)
     end
   end
   table.sort(out)
-  return out
+  return out, seen
 end
 
 -- Whether a name has a live entry in the room: one connection of several
--- (two tabs, two instances) leaving does not make the name leave.
+-- (two tabs, two instances) leaving does not make the name leave. A pass
+-- over the room: for one name only; a script asking about many uses the
+-- set `names` returns, or it costs a pass per name (quadratic).
 local function present(members_key, name, now)
   local prefix = name .. '\n'
   for _, entry in ipairs(redis.call('ZRANGEBYSCORE', members_key, now, '+inf')) do
@@ -38,7 +42,8 @@ end
 
 -- Publishes a change of who is present, with the member list after it and
 -- when it happened by Redis's clock (`at`, ms): one clock for every instance.
--- `extra` adds fields (the connection id of a join).
+-- `extra` adds fields (the connection id of a join). A `members` event has
+-- no `name` (nil): it names several, in `back` or `gone`.
 local function presence(kind, channel, room, name, members, now, extra)
   local event = { type = kind, room = room, name = name, members = members, at = now }
   for key, value in pairs(extra or {}) do
