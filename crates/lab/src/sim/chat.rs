@@ -39,26 +39,28 @@ pub struct ChatSim {
     /// Add a member who joins and reads nothing until the end.
     #[arg(long)]
     slow_reader: bool,
-    #[command(flatten)]
-    chat: chat::Settings,
+    /// The chat lab's address (what `lab up` listens on).
+    #[arg(long, env = "CHAT_HTTP_ADDR", default_value = "127.0.0.1:8083")]
+    chat_addr: String,
 }
 
 pub async fn run(sim: ChatSim) -> anyhow::Result<()> {
-    let base = format!(
-        "ws://{}/ws",
-        sim.chat.http_addr.replace("0.0.0.0", "127.0.0.1")
-    );
-    let url = |name: &str| format!("{base}?room={}&name={name}", sim.room);
+    let base = format!("ws://{}/ws", sim.chat_addr.replace("0.0.0.0", "127.0.0.1"));
+    let url = |name: &str| {
+        url::Url::parse_with_params(&base, [("room", sim.room.as_str()), ("name", name)])
+            .map(String::from)
+            .context("the chat address makes no URL")
+    };
     let slow = match sim.slow_reader {
-        true => Some(join(&url("slow-reader")).await?),
+        true => Some(join(&url("slow-reader")?).await?),
         false => None,
     };
-    let reader = join(&url("reader")).await?;
+    let reader = join(&url("reader")?).await?;
     let stop = tokio_util::sync::CancellationToken::new();
     let counting = tokio::spawn(count_messages(reader, stop.clone()));
     let mut senders = tokio::task::JoinSet::new();
     for i in 0..sim.senders {
-        let ws = join(&url(&format!("sender-{i}"))).await?;
+        let ws = join(&url(&format!("sender-{i}"))?).await?;
         let period = Duration::from_secs_f64(1.0 / sim.rate);
         let offset = period.mul_f64(i as f64 / sim.senders as f64);
         senders.spawn(talk(ws, i, sim.size, period, offset, sim.duration));
