@@ -186,6 +186,41 @@ async fn an_entry_expires_after_its_ttl_and_the_next_read_reloads_from_postgres(
     app.finish().await.unwrap();
 }
 
+/// Keys written together expire apart: each gets its own TTL within ±10%,
+/// to the millisecond (whole seconds would round a 5 s TTL to 5 s every time).
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn keys_written_together_get_ttls_spread_over_ten_percent(pool: PgPool) {
+    let settings = caching::Settings {
+        ttl_secs: 5,
+        ..CachingApp::settings()
+    };
+    let app = CachingApp::start(pool, settings).await;
+    let mut redis = app.redis.clone();
+    let mut ttls = Vec::new();
+    for i in 0..40 {
+        let id = create_profile(&app, &format!("Reader {i}")).await;
+        let written = std::time::Instant::now();
+        assert_eq!(read_profile(&app, &id).await.1, "miss");
+        let ttl: i64 = redis
+            .pttl(format!("{}profile:{id}", app.prefix))
+            .await
+            .unwrap();
+        let elapsed = written.elapsed().as_millis() as i64;
+        assert!(
+            ttl <= 5_500 && ttl + elapsed >= 4_500,
+            "PTTL {ttl} ms, {elapsed} ms after the write: outside 5 s ± 10%"
+        );
+        ttls.push(ttl);
+    }
+    let (min, max) = (ttls.iter().min().unwrap(), ttls.iter().max().unwrap());
+    println!("40 keys with CACHE_TTL_SECS=5: PTTL from {min} to {max} ms");
+    assert!(
+        max - min > 300,
+        "PTTLs from {min} to {max} ms: no jitter to speak of"
+    );
+    app.finish().await.unwrap();
+}
+
 /// 200 readers miss the same cold key at once.
 async fn stampede(pool: PgPool, protection: caching::Switch) -> u64 {
     let mut settings = CachingApp::settings();
@@ -1096,4 +1131,211 @@ async fn shutdown_drains_views_taken_after_redis_restarted_empty(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(after, 7, "the drain made the group again");
+}
+
+/// A Redis that comes back from a snapshot brings its counters back as they
+/// were at the snapshot. A service started after that (it never saw the
+/// Redis before) must not trust them: they were built under another run of
+/// Redis.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_count_a_snapshot_brought_back_is_rebuilt_by_a_service_started_after_it(pool: PgPool) {
+    let mut redis = PrivateRedis::start(Persistence::None).await;
+    let settings = CachingApp::settings();
+    let first = CachingApp::start_on_redis(pool.clone(), settings.clone(), &redis.url()).await;
+    post_views(&first, "snap", 20).await;
+    assert_eq!(wait_for_db_views(&first, "snap", 20).await, 20);
+    // A snapshot (as `save 3600 1` would take), then 30 more views flushed.
+    let mut conn = first.redis.clone();
+    let () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
+    post_views(&first, "snap", 30).await;
+    assert_eq!(wait_for_db_views(&first, "snap", 50).await, 50);
+    first.stop().await.unwrap();
+
+    // The machine goes down: Redis comes back from the snapshot, and a new
+    // service starts on it.
+    redis.kill();
+    redis.start_again().await;
+    let second = CachingApp::start_on_redis(pool, settings, &redis.url()).await;
+    let immediate = second.get_json("/pages/snap/views").await;
+    assert_eq!(
+        immediate["views"], 50,
+        "the count is Postgres plus pending, not the snapshot's: {immediate}"
+    );
+    post_views(&second, "snap", 5).await;
+    assert_eq!(second.get_json("/pages/snap/views").await["views"], 55);
+    assert_eq!(wait_for_db_views(&second, "snap", 55).await, 55);
+    second.finish().await.unwrap();
+}
+
+/// The calls Redis has served of `command` since the last `CONFIG RESETSTAT`
+/// (those made from scripts included).
+async fn calls_of(conn: &mut lab_core::redis::Redis, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// A page nobody viewed has no counter, and neither does one whose first
+/// view is being posted. Either costs a look at what the page has pending,
+/// not a walk through every view waiting in the stream: any client can pick
+/// new page names.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_new_page_costs_no_walk_through_the_backlog(pool: PgPool) {
+    let redis = PrivateRedis::start(Persistence::None).await;
+    let settings = caching::Settings {
+        flush_interval_ms: 3_600_000,
+        ..CachingApp::settings()
+    };
+    let app = CachingApp::start_on_redis(pool, settings, &redis.url()).await;
+    // 10,000 views wait in the stream: the flusher naps for an hour.
+    let url = app.url("/pages/popular/views");
+    let posted = stream::iter(0..10_000)
+        .map(|_| {
+            let (http, url) = (app.http.clone(), url.clone());
+            async move { http.post(url).send().await.unwrap().status() }
+        })
+        .buffer_unordered(32)
+        .filter(|status| std::future::ready(*status == StatusCode::ACCEPTED))
+        .count()
+        .await;
+    assert_eq!(posted, 10_000);
+
+    let mut conn = app.redis.clone();
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let reads = join_all((0..10).map(|i| {
+        let url = app.url(&format!("/pages/never-{i}/views"));
+        async move { workshop::get_json(&url).await }
+    }));
+    let firsts = join_all((0..10).map(|i| {
+        let (http, url) = (
+            app.http.clone(),
+            app.url(&format!("/pages/first-{i}/views")),
+        );
+        async move {
+            http.post(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    }));
+    let (reads, firsts) = tokio::join!(reads, firsts);
+    assert!(reads.iter().all(|r| r["views"] == 0), "{reads:?}");
+    assert!(firsts.iter().all(|r| r["views"] == 1), "{firsts:?}");
+    let walked = calls_of(&mut conn, "xrange").await;
+    println!("20 new pages over a 10,000-view backlog: {walked} XRANGE calls");
+    // Per page, one read of what arrived meanwhile and one in the script
+    // that sets the counter (a third if more than a thousand arrived); a
+    // walk through 10,000 entries takes eleven.
+    assert!(
+        walked <= 60,
+        "{walked} XRANGE calls for 20 new pages: the backlog was walked"
+    );
+
+    // A page with views waiting still counts them all when its counter is lost.
+    let () = conn
+        .del(format!("{}views:count:popular", app.prefix))
+        .await
+        .unwrap();
+    assert_eq!(app.get_json("/pages/popular/views").await["views"], 10_000);
+    app.finish().await.unwrap();
+}
+
+/// Two caching services may share a database (exercises 2.2 and 2.5 run a
+/// second one): each forgets only its own stream's entry ids, so the other
+/// still recognises a batch it already counted.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_second_service_on_the_database_never_makes_the_first_count_twice(pool: PgPool) {
+    let settings = CachingApp::settings();
+    let other = CachingApp::start(pool.clone(), CachingApp::settings()).await;
+
+    // The first service is down; its stream holds three views from an hour
+    // ago that its flusher counted half an hour ago and died before
+    // acknowledging.
+    let stream_key = format!("{}views:stream", settings.key_prefix);
+    let mut redis = other.redis.clone();
+    let hour_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        - 3_600_000;
+    let () = redis
+        .xgroup_create_mkstream(&stream_key, "flushers", "0")
+        .await
+        .unwrap();
+    for seq in 1..=3 {
+        let _: String = redis
+            .xadd(
+                &stream_key,
+                format!("{hour_ago}-{seq}"),
+                &[("page", "kept")],
+            )
+            .await
+            .unwrap();
+    }
+    let options = redis::streams::StreamReadOptions::default()
+        .group("flushers", "dead")
+        .count(10);
+    let reply: redis::streams::StreamReadReply = redis
+        .xread_options(&[&stream_key], &[">"], &options)
+        .await
+        .unwrap();
+    let entries: Vec<_> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
+    assert_eq!(entries.len(), 3);
+    let metrics = lab_core::metrics::Metrics::new("test");
+    let dead = caching::App::new(
+        pool.clone(),
+        redis.clone(),
+        &redis_url(),
+        settings.clone(),
+        &metrics,
+    );
+    assert_eq!(caching::views::apply(&dead, &entries).await.unwrap(), 3);
+    sqlx::query(
+        "UPDATE page_view_entries SET applied_at = now() - interval '30 minutes'
+         WHERE starts_with(entry, $1)",
+    )
+    .bind(&stream_key)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    // The other service flushes a view of its own, and tidies up after it
+    // (done once its next batch is in: one flush at a time).
+    post_views(&other, "elsewhere", 1).await;
+    assert_eq!(wait_for_db_views(&other, "elsewhere", 1).await, 1);
+    post_views(&other, "elsewhere", 1).await;
+    assert_eq!(wait_for_db_views(&other, "elsewhere", 2).await, 2);
+    let remembered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM page_view_entries WHERE starts_with(entry, $1)")
+            .bind(&stream_key)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        remembered, 3,
+        "the other service forgot this one's entry ids"
+    );
+
+    // The first service comes back; its flusher claims the dead one's views.
+    let first = CachingApp::start(pool, settings).await;
+    eventually("the stream is empty", Duration::from_secs(10), || async {
+        (first.stats().await["write_behind"]["pending"] == 0).then_some(())
+    })
+    .await;
+    assert_eq!(db_views(&first, "kept").await, 3, "counted once");
+    first.finish().await.unwrap();
+    other.finish().await.unwrap();
 }

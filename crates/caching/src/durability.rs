@@ -24,8 +24,11 @@
 //! flags or a reconnect to another server all show. `/stats` reports the
 //! mode and its contract (`write_behind.durability`), and `/readyz` adds a
 //! `warning` to its `redis` check while the mode forgets. A change of
-//! Redis's `run_id` means Redis restarted: the service then forgets its
-//! immediate counts, which are rebuilt from the truth ([`crate::counts`]).
+//! Redis's `run_id` means Redis restarted (`restarts_seen`). Each look also
+//! compares the `run_id` with the one Redis keeps beside the immediate
+//! counts, which were built under it: when they differ, whether or not this
+//! process saw the restart, the counts are forgotten and rebuilt from the
+//! truth ([`crate::counts`]).
 //!
 //! Rejected: failing readiness (503) on a Redis that forgets. Readiness says
 //! whether to send traffic; the service works, and a config choice the
@@ -139,8 +142,6 @@ struct Known {
     checked_with: Option<&'static str>,
     run_id: Option<String>,
     restarts_seen: u64,
-    /// Redis restarted and the immediate counts have not been forgotten yet.
-    counts_to_forget: bool,
 }
 
 impl Default for Durability {
@@ -151,7 +152,6 @@ impl Default for Durability {
                 checked_with: None,
                 run_id: None,
                 restarts_seen: 0,
-                counts_to_forget: false,
             }),
         }
     }
@@ -160,6 +160,11 @@ impl Default for Durability {
 impl Durability {
     fn state(&self) -> std::sync::MutexGuard<'_, Known> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Redis's `run_id` when it last answered; `None` until it has.
+    pub fn run_id(&self) -> Option<String> {
+        self.state().run_id.clone()
     }
 
     pub fn report(&self) -> Report {
@@ -198,7 +203,6 @@ impl Durability {
         let restarted = state.run_id.as_ref().is_some_and(|known| *known != run_id);
         if restarted {
             state.restarts_seen += 1;
-            state.counts_to_forget = true;
         }
         state.run_id = Some(run_id);
         state.mode = mode;
@@ -236,8 +240,9 @@ async fn ask(conn: &mut Redis) -> redis::RedisResult<(String, Mode, &'static str
     }
 }
 
-/// One look at Redis: its mode, whether it restarted, and after a restart
-/// the immediate counts forgotten (they are rebuilt on their next use).
+/// One look at Redis: its mode, whether it restarted, and the immediate
+/// counts forgotten if they were built under another run of Redis (they are
+/// rebuilt on their next use).
 pub async fn check(app: &App) {
     let mut conn = app.redis.clone();
     let (run_id, mode, checked_with) = match ask(&mut conn).await {
@@ -247,7 +252,7 @@ pub async fn check(app: &App) {
             return;
         }
     };
-    let (before, restarted) = app.durability.observe(run_id, mode, checked_with);
+    let (before, restarted) = app.durability.observe(run_id.clone(), mode, checked_with);
     if restarted {
         tracing::warn!(mode = ?mode, "Redis restarted; in this mode a restart loses {}", mode.loses());
     } else if before != mode && mode.forgets() {
@@ -255,17 +260,14 @@ pub async fn check(app: &App) {
     } else if before != mode {
         tracing::info!(mode = ?mode, "Redis persistence: a crash loses {}", mode.loses());
     }
-    if app.durability.state().counts_to_forget {
-        match counts::forget_all(app).await {
-            Ok(n) => {
-                app.durability.state().counts_to_forget = false;
-                tracing::info!(
-                    counts = n,
-                    "immediate counts forgotten; each is rebuilt from Postgres plus pending"
-                );
-            }
-            Err(err) => tracing::debug!(%err, "counts not forgotten yet"),
-        }
+    match counts::forget_if_built_elsewhere(app, &run_id).await {
+        Ok(Some(n)) => tracing::info!(
+            counts = n,
+            "immediate counts built under another run of Redis forgotten; \
+             each is rebuilt from Postgres plus pending"
+        ),
+        Ok(None) => {}
+        Err(err) => tracing::debug!(%err, "counts not checked yet"),
     }
 }
 

@@ -70,18 +70,18 @@ pub struct Reserve {
     quantity: i64,
 }
 
-/// Sets KEYS[1] to "version:quantity" for ARGV[3] seconds unless it already
-/// holds a version at least as new. Returns 1 when it wrote. The TTL is the
-/// last bound on a wrong copy: one that nothing recorded for repair (Postgres
-/// was down when the write failed, and the process restarted before it came
-/// back) is gone within it.
+/// Sets KEYS[1] to "version:quantity" for ARGV[3] milliseconds unless it
+/// already holds a version at least as new. Returns 1 when it wrote. The
+/// TTL is the last bound on a wrong copy: one that nothing recorded for
+/// repair (Postgres was down when the write failed, and the process
+/// restarted before it came back) is gone within it.
 const SET_IF_NEWER: &str = r"
 local current = redis.call('GET', KEYS[1])
 if current then
   local version = tonumber(string.match(current, '^(%d+):'))
   if version and version >= tonumber(ARGV[1]) then return 0 end
 end
-redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'EX', ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'PX', ARGV[3])
 return 1
 ";
 
@@ -108,7 +108,7 @@ async fn cache_set(app: &App, stock: &Stock) -> redis::RedisResult<()> {
         .key(key(app, &stock.sku))
         .arg(stock.version)
         .arg(stock.quantity)
-        .arg(crate::jittered_ttl(app.settings.ttl_secs))
+        .arg(crate::jittered_ttl_ms(app.settings.ttl_secs))
         .invoke_async::<i64>(&mut conn)
         .await
         .map(|_| ())
@@ -290,7 +290,7 @@ pub(crate) async fn repair(app: &App, sku: &str) -> anyhow::Result<()> {
         .key(key(app, sku))
         .arg(version)
         .arg(quantity)
-        .arg(crate::jittered_ttl(app.settings.ttl_secs))
+        .arg(crate::jittered_ttl_ms(app.settings.ttl_secs))
         .invoke_async::<i64>(&mut conn)
         .await?;
     sqlx::query("DELETE FROM inventory_cache_repairs WHERE sku = $1")

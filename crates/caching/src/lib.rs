@@ -358,12 +358,15 @@ pub async fn serve(
     Ok(())
 }
 
-/// The TTL with ±10% random jitter: keys written together (after a deploy, a
-/// bulk import) would otherwise expire together, a stampede of their own.
-pub(crate) fn jittered_ttl(ttl_secs: u64) -> u64 {
+/// The TTL in milliseconds, with ±10% random jitter: keys written together
+/// (after a deploy, a bulk import) would otherwise expire together, a
+/// stampede of their own. Milliseconds, not seconds: rounded to whole
+/// seconds, a 5 s TTL would get no jitter at all, and a 60 s one 13 values.
+pub(crate) fn jittered_ttl_ms(ttl_secs: u64) -> u64 {
     use rand::Rng;
-    let spread = (ttl_secs as f64 * 0.1).max(0.0);
-    let ttl = ttl_secs as f64 + rand::rng().random_range(-spread..=spread);
+    let ttl_ms = ttl_secs.saturating_mul(1000) as f64;
+    let spread = ttl_ms * 0.1;
+    let ttl = ttl_ms + rand::rng().random_range(-spread..=spread);
     (ttl.round() as u64).max(1)
 }
 
@@ -423,7 +426,7 @@ async fn remember_recorded_repairs(app: &App) {
 
 #[cfg(test)]
 mod tests {
-    use super::jittered_ttl;
+    use super::jittered_ttl_ms;
 
     #[test]
     fn the_openapi_document_describes_stats_and_its_durability() {
@@ -446,11 +449,14 @@ mod tests {
     }
 
     #[test]
-    fn ttl_jitter_stays_within_ten_percent() {
-        for _ in 0..1000 {
-            let ttl = jittered_ttl(60);
-            assert!((54..=66).contains(&ttl), "{ttl}");
-        }
-        assert_eq!(jittered_ttl(0), 1, "never zero: SET EX 0 is an error");
+    fn ttl_jitter_spreads_over_ten_percent_to_the_millisecond() {
+        let ttls: Vec<u64> = (0..1000).map(|_| jittered_ttl_ms(5)).collect();
+        assert!(
+            ttls.iter().all(|ttl| (4500..=5500).contains(ttl)),
+            "{ttls:?}"
+        );
+        let (min, max) = (ttls.iter().min().unwrap(), ttls.iter().max().unwrap());
+        assert!(max - min > 900, "from {min} to {max} ms");
+        assert_eq!(jittered_ttl_ms(0), 1, "never zero: SET PX 0 is an error");
     }
 }

@@ -38,7 +38,7 @@ use uuid::Uuid;
 
 use utoipa::{IntoParams, ToSchema};
 
-use crate::{App, Error, Result, Switch, invalid, jittered_ttl};
+use crate::{App, Error, Result, Switch, invalid, jittered_ttl_ms};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct Profile {
@@ -313,9 +313,9 @@ async fn load_and_fill(app: &App, id: Uuid, key: &str) -> Result<Option<Profile>
 async fn fill(app: &App, key: &str, profile: Option<&Profile>) {
     let Some(profile) = profile else { return };
     let json = serde_json::to_string(profile).expect("a profile serialises");
-    let ttl = jittered_ttl(app.settings.ttl_secs);
+    let ttl_ms = jittered_ttl_ms(app.settings.ttl_secs);
     let mut conn = app.redis.clone();
-    if let Err(err) = conn.set_ex::<_, _, ()>(key, json, ttl).await {
+    if let Err(err) = conn.pset_ex::<_, _, ()>(key, json, ttl_ms).await {
         tracing::debug!(%err, "could not fill the cache");
     }
 }

@@ -2,9 +2,10 @@
 //! views to Postgres later, in batches.
 //!
 //! `POST /pages/{page}/views` appends an entry to a Redis Stream and bumps a
-//! Redis counter in one script, then answers 202 at once. A flusher reads
-//! the stream through a consumer group and commits batches to Postgres. The
-//! stream is what makes it safe, where a bare `INCR` would not be:
+//! Redis counter (and the page's count of pending entries) in one script,
+//! then answers 202 at once. A flusher reads the stream through a consumer
+//! group and commits batches to Postgres. The stream is what makes it safe,
+//! where a bare `INCR` would not be:
 //!
 //! - A flusher that dies after reading a batch, before committing it, leaves
 //!   the entries pending in the group; a live flusher claims them
@@ -30,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::{extract::State, http::StatusCode};
 use lab_core::{Json, Path, Query, error::DependencyError, openapi::ErrorBody};
 use redis::{
-    AsyncCommands,
+    AsyncCommands, Script,
     streams::{
         StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply,
     },
@@ -62,6 +63,28 @@ pub(crate) fn stream_key(app: &App) -> String {
 pub(crate) fn counter_key(app: &App, page: &str) -> String {
     app.key(&format!("views:count:{page}"))
 }
+
+/// A hash of how many entries each page has in the stream, kept in the
+/// scripts that add and delete them ([`crate::counts`] reads it).
+pub(crate) fn pending_key(app: &App) -> String {
+    app.key("views:pending")
+}
+
+/// Acknowledges and deletes entries (`ARGV[2..]`: id, page, id, page …) in
+/// one go, and takes each one deleted off its page's pending count. An
+/// entry acknowledged but left in the stream would count as backlog for
+/// ever; one deleted twice (two flushers applied it) is taken off once.
+const ACKNOWLEDGE: &str = r"
+for i = 2, #ARGV, 2 do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 and ARGV[i + 1] ~= '' then
+    if redis.call('HINCRBY', KEYS[2], ARGV[i + 1], -1) <= 0 then
+      redis.call('HDEL', KEYS[2], ARGV[i + 1])
+    end
+  end
+end
+return 0
+";
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Views {
@@ -327,16 +350,15 @@ impl Flusher {
             return Ok(0);
         }
         apply(app, &entries).await?;
-        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-        // Acknowledge and delete together: an entry acknowledged but left in
-        // the stream would count as backlog forever.
-        let _: () = redis::pipe()
-            .atomic()
-            .xack(&key, GROUP, &ids)
-            .ignore()
-            .xdel(&key, &ids)
-            .ignore()
-            .query_async(&mut conn)
+        let acknowledge = Script::new(ACKNOWLEDGE);
+        let mut invocation = acknowledge.key(&key);
+        invocation.key(pending_key(app)).arg(GROUP);
+        for entry in &entries {
+            let page = entry.get::<String>("page").unwrap_or_default();
+            invocation.arg(&entry.id).arg(page);
+        }
+        let _: i64 = invocation
+            .invoke_async(&mut conn)
             .await
             .map_err(|err| app.redis_error(&err))?;
         forget_old_entries(app).await?;
@@ -350,11 +372,15 @@ impl Flusher {
 /// can go.
 async fn forget_old_entries(app: &App) -> Result<()> {
     let horizon_ms = oldest_entry_ms(app).await?.unwrap_or_else(now_ms);
+    // Only this stream's: a service with another key prefix on the same
+    // database has a stream, and a horizon, of its own.
     sqlx::query(
         "DELETE FROM page_view_entries
-         WHERE applied_at < to_timestamp($1::float8 / 1000) - interval '1 minute'",
+         WHERE applied_at < to_timestamp($1::float8 / 1000) - interval '1 minute'
+           AND starts_with(entry, $2 || ' ')",
     )
     .bind(horizon_ms as f64)
+    .bind(stream_key(app))
     .execute(&app.pool)
     .await
     .map_err(|err| app.pg_error(err))?;
