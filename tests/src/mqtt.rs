@@ -1,8 +1,24 @@
 //! MQTT for the telemetry tests: the shared broker, a private Mosquitto
-//! run from the lab's own config, and a bare client that publishes what
-//! the test says and collects what arrives.
+//! run from the lab's own config, a bare client that publishes what the
+//! test says and collects what arrives, and a device that knows which of
+//! its readings the broker acknowledged.
 
-use tokio::task::JoinHandle;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use rumqttc::{
+    ConnectReturnCode, Packet, QoS,
+    mqttbytes::{Error as FrameError, v4::Connect, v4::Publish},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    task::JoinHandle,
+};
+use tokio_util::bytes::BytesMut;
 
 use crate::common::closed_port;
 
@@ -41,7 +57,7 @@ impl PrivateBroker {
         let port = closed_port().await;
         let dir =
             std::env::temp_dir().join(format!("lab-mosquitto-{}", uuid::Uuid::now_v7().simple()));
-        std::fs::create_dir_all(dir.join("data")).unwrap();
+        data_dir(&dir);
         let mut broker = Self {
             port,
             dir,
@@ -70,7 +86,12 @@ impl PrivateBroker {
             );
         let path = self.dir.join("mosquitto.conf");
         std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(self.dir.join("mosquitto.log")).unwrap();
+        // Appended to: a restarted broker's log follows the killed one's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("mosquitto.log"))
+            .unwrap();
         let child = std::process::Command::new("mosquitto")
             .arg("-c")
             .arg(&path)
@@ -125,9 +146,49 @@ impl PrivateBroker {
     pub async fn restart_empty(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(self.dir.join("data"));
-        std::fs::create_dir_all(self.dir.join("data")).unwrap();
+        data_dir(&self.dir);
         self.spawn().await;
     }
+
+    /// Kills the broker (SIGKILL: no last save, no goodbye to anyone),
+    /// waits `down`, and starts it again on the same port from what it had
+    /// saved in its data directory.
+    pub async fn kill_and_restart(&mut self, down: Duration) {
+        self.kill();
+        tokio::time::sleep(down).await;
+        self.spawn().await;
+    }
+
+    /// Waits (5 s at most) for the broker to write its next snapshot, so
+    /// that what it holds now (sessions, subscriptions, queues) survives a
+    /// kill, as it has long since for a broker that has run a while.
+    pub async fn snapshot(&self) {
+        let saves = || self.log().matches("Saving in-memory database").count();
+        let before = saves();
+        for _ in 0..100 {
+            if saves() > before {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no snapshot within 5 s; the log:\n{}", self.log());
+    }
+
+    /// What the broker logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+/// The broker's data directory, writable by the broker. Started as root,
+/// Mosquitto drops to its own user before it saves anything: a directory
+/// only root may write leaves persistence off without a word but one log
+/// line per save ("Permission denied"), and every restart starts empty.
+fn data_dir(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
 }
 
 impl Drop for PrivateBroker {
@@ -261,4 +322,190 @@ pub async fn session_kept(url: &str, client_id: &str) -> bool {
     })
     .await;
     connack.session_present
+}
+
+/// A device that knows which of its readings the broker acknowledged.
+///
+/// Its own MQTT 3.1.1 connection with a persistent session (clean session
+/// off), written packet by packet so that each reading's packet id is its
+/// seq: a PUBACK then names the reading it acknowledges, which rumqttc's
+/// client, numbering packets itself, does not tell its caller. It takes a
+/// reading every interval, connected or not; what is not acknowledged is
+/// kept and sent again on the next connection, as a device that stores and
+/// forwards does (so a broker restart makes it flush a burst).
+pub struct AckedDevice {
+    pub id: String,
+    acked: Acked,
+    task: JoinHandle<()>,
+}
+
+impl AckedDevice {
+    /// Starts a device taking readings 1..=`readings`, one every `interval`,
+    /// publishing them at QoS 1 under `devices/{id}/telemetry`.
+    pub fn start(url: &str, id: &str, readings: u16, interval: Duration) -> Self {
+        let device = Forwarder {
+            broker: telemetry::Broker::parse(url).unwrap(),
+            id: id.to_owned(),
+            topic: telemetry::Topics::new("").telemetry(id),
+            readings,
+            interval,
+            started: tokio::time::Instant::now(),
+            taken: 0,
+            unacked: BTreeMap::new(),
+            acked: Arc::default(),
+        };
+        let acked = device.acked.clone();
+        Self {
+            id: id.to_owned(),
+            acked,
+            task: tokio::spawn(device.run()),
+        }
+    }
+
+    /// How many readings the broker has acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits, `limit` at most, until every reading is taken and acknowledged
+    /// and the device has disconnected; returns the acknowledged seqs, each
+    /// with when it was last sent before its PUBACK came (a PUBACK is read
+    /// late when it comes during a burst; the broker surely had the reading
+    /// no sooner than it was sent).
+    pub async fn finish(self, limit: Duration) -> BTreeMap<i64, tokio::time::Instant> {
+        let abort = self.task.abort_handle();
+        if tokio::time::timeout(limit, self.task).await.is_err() {
+            abort.abort();
+        }
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+/// The state of an [`AckedDevice`] across its connections.
+struct Forwarder {
+    broker: telemetry::Broker,
+    id: String,
+    topic: String,
+    readings: u16,
+    interval: Duration,
+    started: tokio::time::Instant,
+    taken: u16,
+    /// Readings taken and not yet acknowledged, by seq, with when each was
+    /// last sent (`None`: not yet).
+    unacked: BTreeMap<u16, (Publish, Option<tokio::time::Instant>)>,
+    acked: Acked,
+}
+
+/// Acknowledged seqs, and when each was last sent.
+type Acked = Arc<Mutex<BTreeMap<i64, tokio::time::Instant>>>;
+
+impl Forwarder {
+    async fn run(mut self) {
+        // The lab's devices' schedule: 100 ms, doubling, up to 5 s.
+        let mut backoff = lab_core::backoff::Backoff::reconnect();
+        while self.connection(&mut backoff).await.is_err() {
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    /// Takes the readings due by now (one per interval since the start).
+    fn take_due(&mut self) {
+        let due = (self.started.elapsed().as_millis() / self.interval.as_millis().max(1)) as u64;
+        let due = due.min(u64::from(self.readings)) as u16;
+        while self.taken < due {
+            self.taken += 1;
+            let seq = self.taken;
+            let payload = serde_json::json!({
+                "device_id": self.id, "seq": seq, "ts": chrono::Utc::now(),
+                "temperature_c": 20.0, "humidity_pct": 40.0, "battery_pct": 90.0
+            });
+            let mut publish = Publish::new(&self.topic, QoS::AtLeastOnce, payload.to_string());
+            publish.pkid = seq;
+            self.unacked.insert(seq, (publish, None));
+        }
+    }
+
+    /// Sends the readings not yet sent, or (`again`) every one not yet
+    /// acknowledged, a second sending marked as such (DUP).
+    async fn send_unacked(&mut self, stream: &mut TcpStream, again: bool) -> anyhow::Result<()> {
+        for (publish, sent) in self.unacked.values_mut() {
+            if sent.is_some() && !again {
+                continue;
+            }
+            let mut publish = publish.clone();
+            publish.dup = sent.is_some();
+            send(stream, Packet::Publish(publish)).await?;
+            *sent = Some(tokio::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    fn done(&self) -> bool {
+        self.taken == self.readings && self.unacked.is_empty()
+    }
+
+    /// One connection: everything unacknowledged is sent again, then each
+    /// reading as it falls due. Ok once all are acknowledged (after a
+    /// DISCONNECT); an error when the connection fails.
+    async fn connection(&mut self, backoff: &mut lab_core::backoff::Backoff) -> anyhow::Result<()> {
+        let mut stream = TcpStream::connect((self.broker.host.as_str(), self.broker.port)).await?;
+        let mut connect = Connect::new(&self.id);
+        connect.clean_session = false;
+        connect.keep_alive = 30;
+        if let Some(user) = &self.broker.username {
+            connect.set_login(user, self.broker.password.clone().unwrap_or_default());
+        }
+        let mut buf = BytesMut::new();
+        send(&mut stream, Packet::Connect(connect)).await?;
+        match next_packet(&mut stream, &mut buf).await? {
+            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => {}
+            other => anyhow::bail!("{} was refused: {other:?}", self.id),
+        }
+        backoff.reset();
+        self.send_unacked(&mut stream, true).await?;
+        let mut tick = tokio::time::interval(self.interval);
+        loop {
+            self.take_due();
+            self.send_unacked(&mut stream, false).await?;
+            if self.done() {
+                send(&mut stream, Packet::Disconnect).await?;
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                packet = next_packet(&mut stream, &mut buf) => {
+                    if let Packet::PubAck(ack) = packet?
+                        && let Some((_, Some(sent))) = self.unacked.remove(&ack.pkid)
+                    {
+                        self.acked.lock().unwrap().insert(i64::from(ack.pkid), sent);
+                    }
+                }
+            }
+        }
+    }
+}
+
+const MAX_PACKET: usize = 1 << 20;
+
+async fn send(stream: &mut TcpStream, packet: Packet) -> anyhow::Result<()> {
+    let mut buf = BytesMut::new();
+    packet.write(&mut buf, MAX_PACKET)?;
+    stream.write_all(&buf).await?;
+    Ok(())
+}
+
+/// The next packet from `stream`; what is read beyond it stays in `buf`.
+/// Cancel-safe: bytes are only ever added to `buf` by a completed read.
+async fn next_packet(stream: &mut TcpStream, buf: &mut BytesMut) -> anyhow::Result<Packet> {
+    loop {
+        match Packet::read(buf, MAX_PACKET) {
+            Ok(packet) => return Ok(packet),
+            Err(FrameError::InsufficientBytes(_)) => {
+                if stream.read_buf(buf).await? == 0 {
+                    anyhow::bail!("the broker closed the connection");
+                }
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
 }

@@ -13,7 +13,7 @@ use std::{convert::Infallible, time::Duration};
 use axum::{
     Router,
     extract::State,
-    http::{StatusCode, header},
+    http::header,
     response::{
         IntoResponse, Response,
         sse::{Event, KeepAlive, Sse},
@@ -27,20 +27,28 @@ use lab_core::{
     error::DependencyError,
     openapi::{ErrorBody, ErrorDetail},
 };
-use rumqttc::v5::mqttbytes::QoS;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use crate::{App, mqtt::check_device_id, payload::Command};
+use crate::{App, commands, mqtt::check_device_id, rejects};
 
 /// The telemetry API, as served at `GET /openapi.json`.
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "System Design Lab: telemetry",
-        description = "What the MQTT ingest stored in Postgres: devices, readings, stats, alerts; commands back to a device; this instance's inbox. `GET /events` (server-sent events: `devices` and `ingest` once a second) and the dashboard at `GET /` are not described here."
+        description = "What the MQTT ingest stored in Postgres: devices, readings, stats, alerts, rejects; commands back to a device; this instance's inbox. `GET /events` (server-sent events: `devices` and `ingest` once a second) and the dashboard at `GET /` are not described here."
     ),
-    paths(devices, readings, stats, send_command, command, alerts, ingest),
+    paths(
+        devices,
+        readings,
+        stats,
+        commands::send,
+        commands::get,
+        alerts,
+        rejects::list,
+        ingest
+    ),
     components(schemas(ErrorBody, ErrorDetail))
 )]
 pub struct ApiDoc;
@@ -53,9 +61,10 @@ pub fn routes(app: App) -> Router {
         .route("/devices", get(devices))
         .route("/devices/{id}/readings", get(readings))
         .route("/devices/{id}/stats", get(stats))
-        .route("/devices/{id}/commands", post(send_command))
-        .route("/commands/{id}", get(command))
+        .route("/devices/{id}/commands", post(commands::send))
+        .route("/commands/{id}", get(commands::get))
         .route("/alerts", get(alerts))
+        .route("/rejects", get(rejects::list))
         .route("/ingest", get(ingest))
         .with_state(app);
     lab_core::openapi::with_docs(routes, ApiDoc::openapi())
@@ -101,13 +110,13 @@ impl IntoResponse for Error {
 #[derive(IntoParams)]
 #[into_params(parameter_in = Path)]
 #[allow(dead_code)] // the document's view of the `{id}` the handlers take
-struct DevicePath {
+pub(crate) struct DevicePath {
     /// The device id: 1–64 letters, digits, `-` or `_`.
     #[param(min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_-]{1,64}$")]
     id: String,
 }
 
-fn invalid(field: &'static str, message: impl Into<String>) -> Error {
+pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Error {
     Error::Invalid {
         field,
         message: message.into(),
@@ -115,12 +124,12 @@ fn invalid(field: &'static str, message: impl Into<String>) -> Error {
 }
 
 impl App {
-    fn db_error(&self, err: sqlx::Error) -> Error {
+    pub(crate) fn db_error(&self, err: sqlx::Error) -> Error {
         DependencyError::postgres(&self.pool, &err).into()
     }
 
     /// 404 unless the device has reported (a status or a reading).
-    async fn known_device(&self, id: &str) -> Result<(), Error> {
+    pub(crate) async fn known_device(&self, id: &str) -> Result<(), Error> {
         check_device_id(id).map_err(|m| invalid("id", m))?;
         let known: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1)")
             .bind(id)
@@ -151,6 +160,10 @@ struct Device {
     #[schema(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
     id: String,
     online: bool,
+    /// `online`; `offline` if it said goodbye; `lost` if the broker
+    /// published its last will (it vanished without a word).
+    #[schema(pattern = "^(online|offline|lost)$")]
+    status: String,
     /// When the ingest last stored a reading from it.
     last_seen: Option<DateTime<Utc>>,
     last_reading: Option<StoredReading>,
@@ -159,6 +172,7 @@ struct Device {
 type DeviceRow = (
     String,
     bool,
+    String,
     Option<DateTime<Utc>>,
     Option<i64>,
     Option<DateTime<Utc>>,
@@ -169,16 +183,17 @@ type DeviceRow = (
 
 async fn load_devices(app: &App) -> Result<Vec<Device>, sqlx::Error> {
     let rows: Vec<DeviceRow> = sqlx::query_as(
-        "SELECT id, online, last_seen, last_seq, last_ts, last_temperature_c, \
+        "SELECT id, online, status, last_seen, last_seq, last_ts, last_temperature_c, \
                 last_humidity_pct, last_battery_pct FROM devices ORDER BY id",
     )
     .fetch_all(&app.pool)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, online, last_seen, seq, ts, t, h, b)| Device {
+        .map(|(id, online, status, last_seen, seq, ts, t, h, b)| Device {
             id,
             online,
+            status,
             last_seen,
             last_reading: match (seq, ts, t, h, b) {
                 (Some(seq), Some(ts), Some(t), Some(h), Some(b)) => Some(StoredReading {
@@ -314,126 +329,6 @@ async fn stats(
         max_c,
         mean_c,
     }))
-}
-
-/// A new setpoint for a thermostat.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-struct NewCommand {
-    #[schema(minimum = 5.0, maximum = 35.0)]
-    setpoint_c: f64,
-}
-
-/// A command: sent to the device, and acknowledged once it applied it.
-#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
-struct CommandView {
-    command_id: uuid::Uuid,
-    device_id: String,
-    setpoint_c: f64,
-    #[schema(pattern = "^(pending|acknowledged)$")]
-    status: String,
-    created_at: DateTime<Utc>,
-    acked_at: Option<DateTime<Utc>>,
-}
-
-/// A thermostat takes setpoints from 5 to 35 °C.
-const SETPOINT_RANGE: std::ops::RangeInclusive<f64> = 5.0..=35.0;
-
-/// The answer to a command sent: on its way, not yet applied.
-#[derive(Serialize, ToSchema)]
-struct CommandSent {
-    command_id: uuid::Uuid,
-    #[schema(pattern = "^pending$")]
-    status: &'static str,
-}
-
-/// Send a setpoint to a device: stored, then published (QoS 1) on
-/// `devices/{id}/commands`; 202, since the device has not acted on it yet.
-#[utoipa::path(
-    post, path = "/devices/{id}/commands", request_body = NewCommand,
-    params(DevicePath),
-    responses(
-        (status = 202, description = "Sent; poll `GET /commands/{command_id}`", body = CommandSent),
-        (status = 400, description = "Malformed JSON, or a path that is not UTF-8", body = ErrorBody),
-        (status = 404, description = "No such device has reported", body = ErrorBody),
-        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
-        (status = 415, description = "Not application/json", body = ErrorBody),
-        (status = 422, description = "A bad id or setpoint_c", body = ErrorBody),
-        (status = 503, description = "Postgres or the broker is down", body = ErrorBody),
-    )
-)]
-async fn send_command(
-    State(app): State<App>,
-    Path(id): Path<String>,
-    Json(body): Json<NewCommand>,
-) -> Result<Response, Error> {
-    if !SETPOINT_RANGE.contains(&body.setpoint_c) {
-        return Err(invalid("setpoint_c", "must be 5–35"));
-    }
-    app.known_device(&id).await?;
-    let command = Command {
-        command_id: uuid::Uuid::now_v7(),
-        setpoint_c: body.setpoint_c,
-    };
-    sqlx::query("INSERT INTO commands (id, device_id, setpoint_c) VALUES ($1, $2, $3)")
-        .bind(command.command_id)
-        .bind(&id)
-        .bind(command.setpoint_c)
-        .execute(&app.pool)
-        .await
-        .map_err(|e| app.db_error(e))?;
-    // Accepted means on its way: with the broker away it would wait in
-    // the client's memory, and be gone with a restart. So 503 instead, and
-    // the row stays `pending` (never sent) for the record.
-    if !app.mqtt_up() {
-        return Err(Error::NotSent(format!(
-            "the command was not sent: the broker at {} is not reachable",
-            app.broker.place()
-        )));
-    }
-    let payload = serde_json::to_vec(&command).expect("commands serialise");
-    app.client
-        .try_publish(app.topics.commands(&id), QoS::AtLeastOnce, false, payload)
-        .map_err(|err| {
-            tracing::warn!(%err, "cannot queue a command");
-            Error::NotSent("the command was not sent: the MQTT client is busy; try again".into())
-        })?;
-    let body = CommandSent {
-        command_id: command.command_id,
-        status: "pending",
-    };
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
-}
-
-/// A command, pending or acknowledged.
-#[utoipa::path(
-    get, path = "/commands/{id}",
-    params(("id" = uuid::Uuid, Path, description = "The command id, from `POST /devices/{id}/commands`")),
-    responses(
-        (status = 200, body = CommandView),
-        (status = 400, description = "A path that is not UTF-8", body = ErrorBody),
-        (status = 404, body = ErrorBody),
-        (status = 422, description = "Not a UUID", body = ErrorBody),
-        (status = 503, description = "Postgres is down", body = ErrorBody),
-    )
-)]
-async fn command(
-    State(app): State<App>,
-    Path(id): Path<String>,
-) -> Result<Json<CommandView>, Error> {
-    let id: uuid::Uuid = id
-        .parse()
-        .map_err(|_| invalid("id", "not a command id (a UUID)"))?;
-    sqlx::query_as(
-        "SELECT id AS command_id, device_id, setpoint_c, status, created_at, acked_at \
-         FROM commands WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_optional(&app.pool)
-    .await
-    .map_err(|e| app.db_error(e))?
-    .map(Json)
-    .ok_or_else(|| Error::NotFound(format!("no command {id}")))
 }
 
 /// A run of `ALERT_CONSECUTIVE` readings above `ALERT_THRESHOLD_C`.

@@ -2,8 +2,10 @@
 //!
 //! Each device is its own MQTT 3.1.1 connection, as a real one would be. On
 //! connect it publishes a retained `online` to its status topic, having left
-//! the broker a last will that publishes a retained `offline` for it if it
-//! vanishes without a goodbye. It reports a reading every interval, with a
+//! the broker a last will that publishes a retained `lost` for it if it
+//! vanishes without a goodbye; a goodbye says `offline` itself. Two words,
+//! not one: "stopped" and "vanished" are different news (a will that said
+//! `offline` too made a power cut print like a clean stop). It reports a reading every interval, with a
 //! `seq` that rises by one. A command (`{"command_id","setpoint_c"}`) moves
 //! its setpoint; its readings drift toward it, and it acknowledges on its
 //! acks topic.
@@ -146,11 +148,11 @@ async fn run(
     end(ending, &client, status, poll).await;
 }
 
-/// The device's MQTT client, with its last will: a retained `offline` on
-/// its status topic.
+/// The device's MQTT client, with its last will: a retained `lost` on its
+/// status topic.
 fn connect(broker: &Broker, id: &str, status: &str) -> (AsyncClient, EventLoop) {
     let mut options = broker.v4_options(id);
-    options.set_last_will(LastWill::new(status, "offline", QoS::AtLeastOnce, true));
+    options.set_last_will(LastWill::new(status, "lost", QoS::AtLeastOnce, true));
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let mut network = rumqttc::NetworkOptions::new();
     network.set_tcp_nodelay(true);
@@ -189,6 +191,7 @@ impl Events {
                     if connected {
                         self.counters.connected.fetch_sub(1, Ordering::Relaxed);
                     }
+                    drain(&mut eventloop).await;
                     break;
                 }
                 Ok(_) => {}
@@ -241,6 +244,20 @@ impl Events {
                 .await;
         });
     }
+}
+
+/// After the DISCONNECT, reads until the broker closes the connection (1 s
+/// at most). Dropped at once, the socket still held unread bytes (the
+/// PUBACK of the goodbye `offline`), and a socket closed with unread bytes
+/// is reset, not closed: the broker took the reset for a device that
+/// vanished and published its will, `lost`, over the goodbye (every
+/// simulated device's clean stop did this, unseen while the will said
+/// `offline` too).
+async fn drain(eventloop: &mut EventLoop) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
 }
 
 /// Publishes a reading every interval until the count is reached, the

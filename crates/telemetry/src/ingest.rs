@@ -41,258 +41,25 @@
 //! in the common case), and skipping the whole batch (losing the good
 //! readings in it).
 //!
-//! The session is persistent (clean start off, a session expiry): while the
-//! ingest is away the broker queues its QoS 1 messages. When the broker has
-//! no session for it (first start, or a broker that lost its state), the
-//! subscriptions are gone too. rumqttc reconnects by itself but never
-//! re-subscribes: an ingest can be "connected" and hear nothing. So the
-//! client subscribes on every connection, session or not: subscribing again
-//! is harmless, and a resumed session may hold the subscriptions of another
-//! configuration (seen here: a session kept from a run with a topic prefix
-//! left one instance deaf to the unprefixed topics).
-//!
-//! **A clean stop leaves the share group; a crash keeps the session.** A
-//! kept session stays a member of `$share/…` and is handed its share of
-//! the stream, queued, while the instance is away: an ingest stopped with
-//! SIGTERM held every other reading until it returned or its session
-//! expired (20 of 40 in the test). So on shutdown the client unsubscribes,
-//! the batcher stores what arrived before the UNSUBACK, and the client
-//! disconnects and ends the session ([`leave`]), unless something taken
-//! was not stored, which the kept session holds for this client id's
-//! return. A crash sends no DISCONNECT: the session, with its share, is
-//! kept for `INGEST_SESSION_EXPIRY_SECS` and delivered when the instance
-//! returns under the same client id. Rejected: session expiry 0 at
-//! connect (a crash would lose the batch in hand) and keeping the session
-//! on a clean stop (the bug).
+//! The connection itself (the session, its subscriptions, reconnecting
+//! after a broker restart, leaving on shutdown) is [`crate::session`].
 
 use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
 
 use chrono::{DateTime, Utc};
-use rumqttc::v5::{
-    Event, EventLoop,
-    mqttbytes::{
-        QoS,
-        v5::{Filter, Packet, Publish, SubscribeReasonCode},
-    },
-};
+use lab_core::backoff::Backoff;
+use rumqttc::v5::mqttbytes::QoS;
 use sqlx::{Postgres, Transaction};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use lab_core::backoff::Backoff;
-use rumqttc::v5::AsyncClient;
-
 use crate::{
-    App, Broker, Settings, Topics,
-    inbox::{self, Delivery, Offered},
+    App, Topics,
+    inbox::{self, Delivery},
     mqtt::{Kind, check_device_id},
-    payload::{Ack, Alert, Reading, parse_status},
+    payload::{Ack, Alert, Reading, Status, parse_status},
     rejects::{self, Reject},
 };
-
-/// The ingest's MQTT client: a persistent session (clean start off, kept
-/// by the broker for `INGEST_SESSION_EXPIRY_SECS` while the ingest is away),
-/// manual acks (sent by the batcher after commit), and a receive maximum
-/// that bounds how many unacknowledged QoS 1 messages the broker sends.
-pub(crate) fn client(broker: &Broker, settings: &Settings) -> (AsyncClient, EventLoop) {
-    let mut options = broker.v5_options(&settings.client_id);
-    let receive_maximum = settings.receive_maximum();
-    options
-        .set_clean_start(false)
-        .set_session_expiry_interval(Some(settings.session_expiry_secs))
-        .set_receive_maximum(Some(receive_maximum))
-        .set_manual_acks(true);
-    let mut network = rumqttc::NetworkOptions::new();
-    network.set_tcp_nodelay(true);
-    options.set_network_options(network);
-    // Acks, alerts and commands wait in this channel for the event loop.
-    AsyncClient::new(options, usize::from(receive_maximum) + 100)
-}
-
-/// The subscriptions: telemetry and acks shared by every ingest instance
-/// (each message goes to one of them), statuses heard by all (retained
-/// messages are not sent to shared subscriptions).
-fn filters(app: &App) -> Vec<Filter> {
-    let group = &app.settings.share_group;
-    let qos = app.settings.qos();
-    vec![
-        Filter::new(
-            format!("$share/{group}/{}", app.topics.every(Kind::Telemetry)),
-            qos,
-        ),
-        Filter::new(
-            format!("$share/{group}/{}", app.topics.every(Kind::Acks)),
-            QoS::AtLeastOnce,
-        ),
-        Filter::new(app.topics.every(Kind::Status), QoS::AtLeastOnce),
-    ]
-}
-
-/// Polls the MQTT event loop until `stop`. On shutdown it first leaves the
-/// share group (unsubscribes, and fires `unsubscribed` once the broker
-/// confirms, or the connection is gone), so the batcher's last batch is the
-/// last that arrives; then [`leave`] ends the session.
-pub(crate) async fn run_client(
-    app: App,
-    mut eventloop: EventLoop,
-    inbox: inbox::Sender,
-    unsubscribed: CancellationToken,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    let mut backoff = Backoff::reconnect();
-    let mut leaving = Leaving::default();
-    loop {
-        let event = tokio::select! {
-            event = eventloop.poll() => event,
-            () = app.shutdown.cancelled(), if !leaving.started => {
-                leaving.start(&app, &unsubscribed);
-                continue;
-            }
-            () = stop.cancelled() => break,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(connack))) => {
-                backoff.reset();
-                app.connected(connack.session_present);
-            }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                // Never a wait here: this loop is also what delivers the
-                // batcher's acks. The inbox never waits; see `inbox` for
-                // what bounds it at each QoS.
-                if app.take(&inbox, publish) == Offered::Closed {
-                    // The batcher has stopped: this one is not stored.
-                    app.keep_session.store(true, Ordering::SeqCst);
-                    break;
-                }
-            }
-            Ok(Event::Incoming(Packet::SubAck(suback))) => app.subscribed(&suback.return_codes),
-            Ok(Event::Incoming(Packet::UnsubAck(_))) => leaving.unsubscribed(&unsubscribed),
-            Ok(_) => {}
-            Err(err) => {
-                app.connection_lost(&mut eventloop, &inbox);
-                let message = app.broker.describe(&err);
-                if app.mqtt_up() {
-                    tracing::warn!("{message}");
-                }
-                app.set_mqtt_up(false, Some(message));
-                // Nothing more arrives on a connection that is gone.
-                if leaving.started {
-                    unsubscribed.cancel();
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(backoff.next_delay()) => {}
-                    () = stop.cancelled() => break,
-                }
-            }
-        }
-    }
-    leave(&app, &mut eventloop).await;
-    Ok(())
-}
-
-/// Leaving the share group on shutdown: the unsubscriptions sent, and how
-/// many the broker has confirmed.
-#[derive(Default)]
-struct Leaving {
-    started: bool,
-    sent: usize,
-    confirmed: usize,
-}
-
-impl Leaving {
-    /// Unsubscribes from every filter (from a task of its own: the request
-    /// channel is drained by the event loop). Not connected, nothing more
-    /// arrives: `unsubscribed` at once. An UnsubAck that never comes is
-    /// waited for 5 s at most.
-    fn start(&mut self, app: &App, unsubscribed: &CancellationToken) {
-        self.started = true;
-        let filters: Vec<String> = filters(app).into_iter().map(|f| f.path).collect();
-        self.sent = filters.len();
-        if !app.mqtt_up() {
-            unsubscribed.cancel();
-            return;
-        }
-        let (client, unsubscribed) = (app.client.clone(), unsubscribed.clone());
-        tokio::spawn(async move {
-            for filter in filters {
-                if client.unsubscribe(filter).await.is_err() {
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            unsubscribed.cancel();
-        });
-    }
-
-    fn unsubscribed(&mut self, unsubscribed: &CancellationToken) {
-        self.confirmed += 1;
-        if self.started && self.confirmed >= self.sent {
-            unsubscribed.cancel();
-        }
-    }
-}
-
-/// The last step of a clean stop. Connected: DISCONNECT, then, when every
-/// reading taken was stored, the session is ended, so the broker keeps no
-/// queue (and no share) for an instance that is gone. rumqttc 0.25 sends
-/// its DISCONNECT without properties (no session expiry 0), so the session
-/// is ended by a second connection under the same client id with clean
-/// start on and session expiry 0. Something taken and not stored (Postgres
-/// down): the session stays, out of the group, holding only those
-/// unacknowledged readings for this client id's return.
-async fn leave(app: &App, eventloop: &mut EventLoop) {
-    let connected = app.mqtt_up();
-    if connected {
-        let _ = app.client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Ok(event) = eventloop.poll().await {
-                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                    break;
-                }
-            }
-        })
-        .await;
-    }
-    // No connection any more: an ack still being retried gives up.
-    *app.connection.lock().expect("connection lock") += 1;
-    app.set_mqtt_up(false, Some("stopped".into()));
-    if !connected {
-        tracing::warn!(
-            expiry_secs = app.settings.session_expiry_secs,
-            "stopped while not connected: the broker keeps the session, and its share, until it expires"
-        );
-    } else if app.keep_session.load(Ordering::SeqCst) {
-        tracing::warn!(
-            expiry_secs = app.settings.session_expiry_secs,
-            "readings taken but not stored: the session is kept for them"
-        );
-    } else if let Err(err) = end_session(&app.broker, &app.settings.client_id).await {
-        tracing::warn!(%err, "could not end the session; the broker keeps it until it expires");
-    } else {
-        tracing::info!("left the share group; session ended");
-    }
-}
-
-/// Connects as `client_id` with clean start on (the broker discards the
-/// session it kept) and session expiry 0 (none is kept after this one).
-pub async fn end_session(broker: &Broker, client_id: &str) -> anyhow::Result<()> {
-    let mut options = broker.v5_options(client_id);
-    options
-        .set_clean_start(true)
-        .set_session_expiry_interval(Some(0));
-    let (client, mut eventloop) = AsyncClient::new(options, 10);
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match eventloop.poll().await? {
-                Event::Incoming(Packet::ConnAck(_)) => client.try_disconnect()?,
-                Event::Outgoing(rumqttc::Outgoing::Disconnect) => return Ok(()),
-                _ => {}
-            }
-        }
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("no answer within 5 s"))?
-}
 
 /// Collects publishes into batches and stores them until `unsubscribed`
 /// (nothing more arrives); then stores what is already in the inbox and
@@ -345,7 +112,7 @@ struct Decoded {
     /// dropped.
     accepted: usize,
     /// The newest status per device in the batch.
-    statuses: BTreeMap<String, bool>,
+    statuses: BTreeMap<String, Status>,
     acks: Vec<Ack>,
     rejects: Vec<Reject>,
 }
@@ -414,84 +181,6 @@ fn decode(app: &App, batch: &[Delivery]) -> Decoded {
 }
 
 impl App {
-    /// On every ConnAck, resumed session or not: subscribe (again).
-    fn connected(&self, session_present: bool) {
-        // Ready only once the subscriptions are confirmed (SubAck):
-        // connected and deaf is not ready.
-        self.set_mqtt_up(
-            false,
-            Some("connected; waiting for the subscriptions".into()),
-        );
-        tracing::info!(
-            broker = %self.broker.place(),
-            session_present,
-            "ingest connected"
-        );
-        self.stats
-            .connected(if session_present { "resumed" } else { "new" });
-        if self.shutdown.is_cancelled() {
-            return; // leaving the share group: not joining it again
-        }
-        // Not from inside the event loop: a full request channel would wait
-        // for the very loop that drains it.
-        let (client, filters) = (self.client.clone(), filters(self));
-        tokio::spawn(async move {
-            if let Err(err) = client.subscribe_many(filters).await {
-                tracing::error!(%err, "cannot subscribe");
-            }
-        });
-    }
-
-    /// Ready once every subscription is granted.
-    fn subscribed(&self, codes: &[SubscribeReasonCode]) {
-        let refused: Vec<_> = codes
-            .iter()
-            .filter(|code| !matches!(code, SubscribeReasonCode::Success(_)))
-            .collect();
-        if refused.is_empty() {
-            self.set_mqtt_up(true, None);
-        } else {
-            let message = format!("the broker refused subscriptions: {refused:?}");
-            tracing::error!("{message}");
-            self.set_mqtt_up(false, Some(message));
-        }
-    }
-
-    /// Hands a publish to the batcher, tagged with the connection it came on.
-    fn take(&self, inbox: &inbox::Sender, publish: Publish) -> Offered {
-        let connection = *self.connection.lock().expect("connection lock");
-        inbox.offer(Delivery {
-            publish,
-            connection,
-        })
-    }
-
-    /// The connection is gone: from now on an ack for what came on it
-    /// would land on the next one, where its packet id names another
-    /// message. Called with the event loop's error, before it reconnects.
-    fn connection_lost(&self, eventloop: &mut EventLoop, inbox: &inbox::Sender) {
-        // Publishes read in the same burst as the failure are still queued
-        // in the event loop, which would hand them out after the reconnect
-        // as if they came on the new connection.
-        let buffered: Vec<Publish> = eventloop
-            .state
-            .events
-            .drain(..)
-            .filter_map(|event| match event {
-                Event::Incoming(Packet::Publish(publish)) => Some(publish),
-                _ => None,
-            })
-            .collect();
-        for publish in buffered {
-            let _ = self.take(inbox, publish);
-        }
-        *self.connection.lock().expect("connection lock") += 1;
-        // rumqttc dropped the acks waiting in its request channel when the
-        // connection failed; one queued since (before the line above) would
-        // still go out on the next connection. `clean` drops it too.
-        eventloop.clean();
-    }
-
     /// Acknowledges a committed batch's QoS 1 messages, each on the
     /// connection it came on and nowhere else. One from an earlier
     /// connection is withheld: if the broker kept the session it sends the
@@ -537,7 +226,7 @@ impl App {
         let Some(Written {
             stored,
             alerts,
-            foreign_acks,
+            refused_acks,
             refused_readings,
         }) = self.write_all(decoded, stop).await
         else {
@@ -547,7 +236,7 @@ impl App {
             return;
         };
         self.stats.batches.inc();
-        self.stats.rejected.inc_by(foreign_acks);
+        self.stats.rejected.inc_by(refused_acks);
         self.stats.stored.inc_by(stored);
         self.stats
             .duplicates
@@ -647,15 +336,15 @@ impl App {
         let mut tx = self.pool.begin().await?;
         let stored = insert_readings(&mut tx, &d.readings).await?;
         update_devices(&mut tx, &d.readings, &d.statuses).await?;
-        let foreign = acknowledge_commands(&mut tx, &self.topics, &d.acks).await?;
+        let refused = acknowledge_commands(&mut tx, &self.topics, &d.acks).await?;
         rejects::insert(&mut tx, &d.rejects).await?;
-        rejects::insert(&mut tx, &foreign).await?;
+        rejects::insert(&mut tx, &refused).await?;
         let alerts = self.raise_alerts(&mut tx, &d.readings).await?;
         tx.commit().await?;
         Ok(Written {
             stored,
             alerts,
-            foreign_acks: foreign.len() as u64,
+            refused_acks: refused.len() as u64,
             refused_readings: 0,
         })
     }
@@ -797,8 +486,9 @@ struct Written {
     /// Readings that were new (the rest were redeliveries).
     stored: u64,
     alerts: Vec<Alert>,
-    /// Acks that named another device's command, kept as rejects.
-    foreign_acks: u64,
+    /// Acks refused (another device's command, or an expired one), kept
+    /// as rejects.
+    refused_acks: u64,
     /// Readings Postgres refused, kept as rejects.
     refused_readings: u64,
 }
@@ -807,7 +497,7 @@ impl Written {
     fn add(&mut self, other: Written) {
         self.stored += other.stored;
         self.alerts.extend(other.alerts);
-        self.foreign_acks += other.foreign_acks;
+        self.refused_acks += other.refused_acks;
         self.refused_readings += other.refused_readings;
     }
 }
@@ -824,7 +514,7 @@ fn is_refused(err: &sqlx::Error) -> bool {
 /// One message of a batch, as decoded: what a refused batch is split into.
 enum Unit {
     Reading(Reading),
-    Status(String, bool),
+    Status(String, Status),
     Ack(Ack),
     Reject(Reject),
 }
@@ -837,10 +527,7 @@ impl Unit {
                 topics.telemetry(&r.device_id),
                 serde_json::to_vec(&r).expect("readings serialise"),
             ),
-            Unit::Status(id, online) => (
-                topics.status(&id),
-                if online { "online" } else { "offline" }.into(),
-            ),
+            Unit::Status(id, status) => (topics.status(&id), status.as_str().into()),
             Unit::Ack(a) => (
                 topics.acks(&a.device_id),
                 serde_json::to_vec(&a).expect("acks serialise"),
@@ -862,7 +549,7 @@ impl Decoded {
         let statuses = self
             .statuses
             .into_iter()
-            .map(|(id, on)| Unit::Status(id, on));
+            .map(|(id, status)| Unit::Status(id, status));
         let acks = self.acks.into_iter().map(Unit::Ack);
         let rejects = self.rejects.into_iter().map(Unit::Reject);
         readings
@@ -884,8 +571,8 @@ impl Decoded {
         for unit in units {
             match unit {
                 Unit::Reading(r) => d.readings.push(r),
-                Unit::Status(id, online) => {
-                    d.statuses.insert(id, online);
+                Unit::Status(id, status) => {
+                    d.statuses.insert(id, status);
                 }
                 Unit::Ack(a) => d.acks.push(a),
                 Unit::Reject(r) => d.rejects.push(r),
@@ -896,10 +583,12 @@ impl Decoded {
     }
 }
 
-/// Marks commands acknowledged, each by its own device only: the ack's
-/// device (checked against its topic) must be the command's. Without that
-/// filter any device could acknowledge any command whose id it learned.
-/// Returns the acks that named another device's command, as rejects.
+/// Marks commands acknowledged, each by its own device only and only
+/// before it expires: the ack's device (checked against its topic) must be
+/// the command's, else any device could acknowledge any command whose id
+/// it learned; and an expired command stays expired (its sender was told
+/// so, and may have sent another). Returns the acks refused for either
+/// reason, as rejects.
 async fn acknowledge_commands(
     tx: &mut Transaction<'_, Postgres>,
     topics: &Topics,
@@ -913,31 +602,38 @@ async fn acknowledge_commands(
     sqlx::query(
         "UPDATE commands c SET status = 'acknowledged', acked_at = now() \
          FROM UNNEST($1::uuid[], $2::text[]) AS a(id, device_id) \
-         WHERE c.id = a.id AND c.device_id = a.device_id AND c.status = 'pending'",
+         WHERE c.id = a.id AND c.device_id = a.device_id AND c.status = 'pending' \
+           AND c.expires_at > now()",
     )
     .bind(&ids)
     .bind(&devices)
     .execute(&mut **tx)
     .await?;
-    let foreign: Vec<(uuid::Uuid, String)> = sqlx::query_as(
-        "SELECT a.id, a.device_id FROM UNNEST($1::uuid[], $2::text[]) AS a(id, device_id) \
-         JOIN commands c ON c.id = a.id WHERE c.device_id <> a.device_id",
+    let refused: Vec<(uuid::Uuid, String, bool)> = sqlx::query_as(
+        "SELECT a.id, a.device_id, c.device_id <> a.device_id \
+         FROM UNNEST($1::uuid[], $2::text[]) AS a(id, device_id) JOIN commands c ON c.id = a.id \
+         WHERE c.device_id <> a.device_id OR (c.status = 'pending' AND c.expires_at <= now())",
     )
     .bind(&ids)
     .bind(&devices)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(foreign
+    Ok(refused
         .into_iter()
-        .map(|(id, device)| {
+        .map(|(id, device, foreign)| {
             let ack = acks
                 .iter()
                 .find(|a| a.command_id == id && a.device_id == device);
             let payload = ack.map(|a| serde_json::to_vec(a).expect("acks serialise"));
+            let reason = if foreign {
+                format!("ack for command {id}, which was sent to another device")
+            } else {
+                format!("ack for command {id}, which had expired")
+            };
             Reject::new(
                 topics.acks(&device).as_bytes(),
                 &payload.unwrap_or_default(),
-                &format!("ack for command {id}, which was sent to another device"),
+                &reason,
             )
         })
         .collect())
@@ -972,7 +668,7 @@ async fn insert_readings(
 async fn update_devices(
     tx: &mut Transaction<'_, Postgres>,
     readings: &[Reading],
-    statuses: &BTreeMap<String, bool>,
+    statuses: &BTreeMap<String, Status>,
 ) -> Result<(), sqlx::Error> {
     let mut newest: BTreeMap<&str, &Reading> = BTreeMap::new();
     for r in readings {
@@ -987,14 +683,16 @@ async fn update_devices(
     }
     let reading = |id: &str| newest.get(id).copied();
     sqlx::query(
-        "INSERT INTO devices AS d (id, online, status_at, last_seen, last_seq, last_ts, \
+        "INSERT INTO devices AS d (id, online, status, status_at, last_seen, last_seq, last_ts, \
                                    last_temperature_c, last_humidity_pct, last_battery_pct) \
-         SELECT id, coalesce(online, false), CASE WHEN online IS NULL THEN NULL ELSE now() END, \
+         SELECT id, coalesce(status = 'online', false), coalesce(status, 'offline'), \
+                CASE WHEN status IS NULL THEN NULL ELSE now() END, \
                 CASE WHEN seq IS NULL THEN NULL ELSE now() END, seq, ts, t, h, b \
-         FROM UNNEST($1::text[], $2::bool[], $3::int8[], $4::timestamptz[], $5::float8[], $6::float8[], $7::float8[]) \
-              AS u(id, online, seq, ts, t, h, b) \
+         FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::timestamptz[], $5::float8[], $6::float8[], $7::float8[]) \
+              AS u(id, status, seq, ts, t, h, b) \
          ON CONFLICT (id) DO UPDATE SET \
            online = CASE WHEN EXCLUDED.status_at IS NULL THEN d.online ELSE EXCLUDED.online END, \
+           status = CASE WHEN EXCLUDED.status_at IS NULL THEN d.status ELSE EXCLUDED.status END, \
            status_at = coalesce(EXCLUDED.status_at, d.status_at), \
            last_seen = coalesce(EXCLUDED.last_seen, d.last_seen), \
            last_seq = CASE WHEN EXCLUDED.last_seq > coalesce(d.last_seq, -1) THEN EXCLUDED.last_seq ELSE d.last_seq END, \
@@ -1004,7 +702,7 @@ async fn update_devices(
            last_battery_pct = CASE WHEN EXCLUDED.last_seq > coalesce(d.last_seq, -1) THEN EXCLUDED.last_battery_pct ELSE d.last_battery_pct END",
     )
     .bind(&ids)
-    .bind(ids.iter().map(|id| statuses.get(*id).copied()).collect::<Vec<Option<bool>>>())
+    .bind(ids.iter().map(|id| statuses.get(*id).map(|s| s.as_str())).collect::<Vec<_>>())
     .bind(ids.iter().map(|id| reading(id).map(|r| r.seq)).collect::<Vec<_>>())
     .bind(ids.iter().map(|id| reading(id).map(|r| r.ts)).collect::<Vec<_>>())
     .bind(ids.iter().map(|id| reading(id).map(|r| r.temperature_c)).collect::<Vec<_>>())

@@ -11,28 +11,32 @@
 //!   often it was none: beyond `INGEST_QOS0_INBOX` waiting messages it sheds
 //!   them and counts them (the `inbox` module says why not refuse QoS 0).
 //! - **Retained status and last will**: `devices/{id}/status` says `online`
-//!   when a device connects and the broker says `offline` for it when it
-//!   vanishes without a goodbye ([`device`]).
+//!   when a device connects, `offline` when it says goodbye, and the broker
+//!   says `lost` for it when it vanishes without one ([`device`]).
 //! - **Shared subscriptions** (`$share/ingest/…`): several ingest instances
 //!   split the stream between them; one stopped cleanly leaves the group
-//!   and ends its session, one that crashed keeps its share for its return
-//!   ([`ingest`]).
+//!   and ends its session, one that crashed keeps its share for its return.
+//!   One ingest alone subscribes plainly, which Mosquitto keeps across its
+//!   own restart, as it does not keep a shared one ([`session`]).
 //! - **Commands back** to a device on `devices/{id}/commands`, acknowledged
-//!   on `devices/{id}/acks` by that device only; **alerts** on `alerts/{id}`.
+//!   on `devices/{id}/acks` by that device only, or expired when it does not
+//!   in time (the `commands` module); **alerts** on `alerts/{id}`.
 //! - **Untrusted topics**: the device id in a topic is checked like one in
-//!   a path; what fails a check is kept, for a while, as a reject (the
-//!   `rejects` module).
+//!   a path; what fails a check is kept, for a while, as a reject, for
+//!   people to read at `GET /rejects` (the `rejects` module).
 //!
 //! Try it: `cargo run -p lab -- up --only telemetry`, then
 //! `cargo run -p lab -- sim devices`, then <http://localhost:8084/>.
 
 pub mod api;
+mod commands;
 pub mod device;
 mod inbox;
 pub mod ingest;
 pub mod mqtt;
 pub mod payload;
 mod rejects;
+pub mod session;
 pub mod sim;
 
 use std::{
@@ -87,12 +91,15 @@ pub struct Settings {
         default_value = ""
     )]
     pub topic_prefix: String,
-    /// The shared-subscription group: instances in one group split the stream.
+    /// The shared-subscription group: instances in one group split the
+    /// stream. Empty (the default, for one instance): plain subscriptions,
+    /// which the broker keeps in the session across its own restart (a
+    /// shared one, Mosquitto 2.0 does not; see `ingest`).
     #[arg(
         id = "telemetry_share_group",
         long = "telemetry-share-group",
         env = "TELEMETRY_SHARE_GROUP",
-        default_value = "ingest"
+        default_value = ""
     )]
     pub share_group: String,
     /// QoS of the telemetry subscription: 1 (at least once) or 0 (at most once).
@@ -404,7 +411,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let broker = Broker::parse(mqtt_url)?;
-    let (client, eventloop) = ingest::client(&broker, &settings);
+    let (client, eventloop) = session::client(&broker, &settings);
     let metrics = Metrics::new("telemetry");
     let qos0_max = usize::try_from(settings.qos0_inbox).unwrap_or(usize::MAX);
     let app = App(Arc::new(Inner {
@@ -447,7 +454,7 @@ pub async fn serve(
             ("HTTP server", Box::pin(async move { Ok(http.await?) })),
             (
                 "MQTT client",
-                Box::pin(ingest::run_client(
+                Box::pin(session::run_client(
                     app.clone(),
                     eventloop,
                     inbox_tx,

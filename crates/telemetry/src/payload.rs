@@ -98,13 +98,34 @@ pub struct Alert {
     pub ts: DateTime<Utc>,
 }
 
-/// `devices/{id}/status`, retained: `online`, or the last will `offline`.
-pub fn parse_status(payload: &[u8]) -> Result<bool, String> {
+/// `devices/{id}/status`, retained: how the device is, or how it left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Connected (the device says so on every connect).
+    Online,
+    /// Said goodbye: the device published this itself, then disconnected.
+    Offline,
+    /// Vanished: the broker published the device's last will for it.
+    Lost,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Online => "online",
+            Status::Offline => "offline",
+            Status::Lost => "lost",
+        }
+    }
+}
+
+pub fn parse_status(payload: &[u8]) -> Result<Status, String> {
     match payload {
-        b"online" => Ok(true),
-        b"offline" => Ok(false),
+        b"online" => Ok(Status::Online),
+        b"offline" => Ok(Status::Offline),
+        b"lost" => Ok(Status::Lost),
         other => Err(format!(
-            "status must be online or offline (got {:?})",
+            "status must be online, offline or lost (got {:?})",
             String::from_utf8_lossy(other)
         )),
     }
@@ -153,9 +174,10 @@ mod tests {
     }
 
     #[test]
-    fn status_is_online_or_offline() {
-        assert_eq!(parse_status(b"online"), Ok(true));
-        assert_eq!(parse_status(b"offline"), Ok(false));
+    fn status_is_online_offline_or_lost() {
+        for status in [Status::Online, Status::Offline, Status::Lost] {
+            assert_eq!(parse_status(status.as_str().as_bytes()), Ok(status));
+        }
         assert!(parse_status(b"maybe").is_err());
     }
 }

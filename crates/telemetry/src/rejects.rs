@@ -17,13 +17,28 @@
 //! count, which a burst of garbage would spend on itself, pushing out the
 //! rows that explain last week's problem; and deleting in the batch's
 //! transaction, which would put a scan of the table in every write.
+//!
+//! People read them with `GET /rejects`: newest first, a page at a time
+//! (`limit`, at most 1,000; `before`, the last `id` of the page read), so
+//! a table a noisy fleet has filled is never sent whole. The next page is
+//! found by id, not by an offset: rows keep arriving at the top, and an
+//! offset counted from there would show some rows twice and skip none the
+//! wiser; `id < before` reads from the same place whatever arrived since.
 
 use std::time::Duration;
 
+use axum::extract::State;
+use chrono::{DateTime, Utc};
+use lab_core::{Json, Query, openapi::ErrorBody};
+use serde::{Deserialize, Serialize};
 use sqlx::{Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
+use utoipa::{IntoParams, ToSchema};
 
-use crate::App;
+use crate::{
+    App,
+    api::{Error, invalid},
+};
 
 /// A message the ingest could not use, and why.
 #[derive(Debug, Clone)]
@@ -77,6 +92,59 @@ pub(crate) async fn insert(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// A payload the ingest refused, and why.
+#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+pub(crate) struct RejectView {
+    /// Rises with each reject: pass the last one read as `before` for the
+    /// next page.
+    id: i64,
+    topic: String,
+    /// As it came (cut to 4 KiB, NUL replaced).
+    payload: String,
+    reason: String,
+    received_at: DateTime<Utc>,
+}
+
+#[derive(Deserialize, IntoParams)]
+pub(crate) struct RejectsParams {
+    /// 1–1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+    /// Only rejects older than this one (its `id`): the next page.
+    before: Option<i64>,
+}
+
+/// What the ingest refused, newest first, a page at a time; kept for
+/// `TELEMETRY_REJECTS_RETENTION_SECS` (7 days).
+#[utoipa::path(
+    get, path = "/rejects",
+    params(RejectsParams),
+    responses(
+        (status = 200, body = Vec<RejectView>),
+        (status = 422, description = "A bad limit or before", body = ErrorBody),
+        (status = 503, description = "Postgres is down", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list(
+    State(app): State<App>,
+    Query(params): Query<RejectsParams>,
+) -> Result<Json<Vec<RejectView>>, Error> {
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(invalid("limit", "must be 1–1000"));
+    }
+    let rows = sqlx::query_as(
+        "SELECT id, topic, payload, reason, received_at FROM rejects \
+         WHERE id < coalesce($1, 9223372036854775807) ORDER BY id DESC LIMIT $2",
+    )
+    .bind(params.before)
+    .bind(limit)
+    .fetch_all(&app.pool)
+    .await
+    .map_err(|e| app.db_error(e))?;
+    Ok(Json(rows))
 }
 
 /// How often the retention is applied: a tenth of it, from 1 s to an hour.

@@ -30,7 +30,8 @@ function row(d) {
   id.title = d.id;
   tr.append(
     id,
-    cell(d.online ? "online" : "offline", d.online ? "online" : "offline"),
+    // `offline`: it said goodbye; `lost`: its last will (it vanished).
+    cell(d.status, d.online ? "online" : "offline"),
     cell(r ? r.temperature_c.toFixed(2) : "–", "num temperature"),
     cell(r ? r.humidity_pct.toFixed(1) : "–", "num"),
     cell(r ? r.battery_pct.toFixed(1) : "–", "num"),
