@@ -125,6 +125,7 @@ pub async fn record(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
     /// `redis` (the default: the immediate count) or `db` (as of the last flush).

@@ -581,6 +581,7 @@ pub struct Notification {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct NotificationQuery {
     /// Only this order's notifications.

@@ -432,6 +432,7 @@ impl DualWriter {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct CreateParams {
     /// `outbox` (the default: the event commits with the order) or

@@ -222,6 +222,7 @@ async fn devices(State(app): State<App>) -> Result<Json<Vec<Device>>, Error> {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ReadingsParams {
     /// Only readings taken at or after this time (RFC 3339).
     since: Option<DateTime<Utc>>,
@@ -270,6 +271,7 @@ async fn readings(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct StatsParams {
     /// 1–2592000 (30 days), default 300.
     #[param(minimum = 1, maximum = 2_592_000)]

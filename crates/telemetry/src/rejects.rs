@@ -108,6 +108,7 @@ pub(crate) struct RejectView {
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct RejectsParams {
     /// 1–1000, default 100.
     #[param(minimum = 1, maximum = 1000)]
