@@ -84,6 +84,8 @@ impl PrivateBroker {
                 "/mosquitto/data/",
                 &format!("{}/", self.dir.join("data").display()),
             );
+        // `snapshot()` waits for a save by its log line, at `information`.
+        let config = format!("{config}\nlog_type information\n");
         let path = self.dir.join("mosquitto.conf");
         std::fs::write(&path, config).unwrap();
         // Appended to: a restarted broker's log follows the killed one's.
