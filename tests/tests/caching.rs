@@ -1253,19 +1253,15 @@ async fn a_new_page_costs_no_walk_through_the_backlog(pool: PgPool) {
     app.finish().await.unwrap();
 }
 
-/// Two caching services may share a database (exercises 2.2 and 2.5 run a
-/// second one): each forgets only its own stream's entry ids, so the other
-/// still recognises a batch it already counted.
-#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
-async fn a_second_service_on_the_database_never_makes_the_first_count_twice(pool: PgPool) {
-    let settings = CachingApp::settings();
-    let other = CachingApp::start(pool.clone(), CachingApp::settings()).await;
-
-    // The first service is down; its stream holds three views from an hour
-    // ago that its flusher counted half an hour ago and died before
-    // acknowledging.
+/// Three views from an hour ago in `settings`' stream, counted into
+/// Postgres half an hour ago by a flusher that died before acknowledging.
+async fn counted_half_an_hour_ago_never_acknowledged(
+    pool: &PgPool,
+    redis: &lab_core::redis::Redis,
+    settings: &caching::Settings,
+) {
     let stream_key = format!("{}views:stream", settings.key_prefix);
-    let mut redis = other.redis.clone();
+    let mut redis = redis.clone();
     let hour_ago = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -1308,9 +1304,24 @@ async fn a_second_service_on_the_database_never_makes_the_first_count_twice(pool
          WHERE starts_with(entry, $1)",
     )
     .bind(&stream_key)
-    .execute(&pool)
+    .execute(pool)
     .await
     .unwrap();
+}
+
+/// Two caching services may share a database (exercises 2.2 and 2.5 run a
+/// second one): each forgets only its own stream's entry ids, so the other
+/// still recognises a batch it already counted.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_second_service_on_the_database_never_makes_the_first_count_twice(pool: PgPool) {
+    let settings = CachingApp::settings();
+    let other = CachingApp::start(pool.clone(), CachingApp::settings()).await;
+
+    // The first service is down; its stream holds three views from an hour
+    // ago that its flusher counted half an hour ago and died before
+    // acknowledging.
+    let stream_key = format!("{}views:stream", settings.key_prefix);
+    counted_half_an_hour_ago_never_acknowledged(&pool, &other.redis, &settings).await;
 
     // The other service flushes a view of its own, and tidies up after it
     // (done once its next batch is in: one flush at a time).
