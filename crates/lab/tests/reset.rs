@@ -69,16 +69,11 @@ fn reset(labs: &str, db: &str, prefix: &str, catalog_port: u16) -> (i32, String)
             format!("127.0.0.1:{catalog_port}"),
         ),
     ];
-    for var in [
-        "CATALOG_GRPC_ADDR",
-        "CACHING_HTTP_ADDR",
-        "OUTBOX_HTTP_ADDR",
-        "OUTBOX_RELAY_ADDR",
-        "OUTBOX_CONSUMER_ADDR",
-        "CHAT_HTTP_ADDR",
-        "TELEMETRY_HTTP_ADDR",
-    ] {
-        envs.push((var.to_owned(), format!("127.0.0.1:{}", free_port())));
+    for var in support::ADDRS
+        .iter()
+        .filter(|var| **var != "CATALOG_HTTP_ADDR")
+    {
+        envs.push((var.to_string(), format!("127.0.0.1:{}", free_port())));
     }
     let output = Command::new(env!("CARGO_BIN_EXE_lab"))
         .args(["reset", "--lab", labs])
