@@ -1113,3 +1113,497 @@ async fn an_idempotency_key_with_spaces_or_given_twice_is_refused(pool: PgPool) 
     assert_eq!(count(&pool, "SELECT count(*) FROM orders").await, 0);
     api.stop().await.unwrap();
 }
+
+/// Settings under which the relay would not look for events for minutes by
+/// itself (its poll, and the lease heartbeat that caps it, are that long):
+/// only a NOTIFY wakes it.
+fn woken_only_by_notify(topology: &OutboxTopology, notify: outbox::Notify) -> outbox::Settings {
+    outbox::Settings {
+        notify,
+        relay_poll_interval_ms: 600_000,
+        relay_lease_ttl_ms: 2_400_000,
+        ..topology.settings.clone()
+    }
+}
+
+/// Starts a relay after placing a first order, and waits until the relay
+/// has published it: its first round is over, so an order placed from now
+/// on is found only when something wakes the relay (its first `SELECT` can
+/// no longer pick it up, as it could while the relay was merely leading).
+async fn relay_past_first_round(
+    pool: &PgPool,
+    amqp: &str,
+    settings: &outbox::Settings,
+    api: &Service,
+) -> Service {
+    new_order(api, "c-first-round").await;
+    let relay = Service::relay(pool.clone(), amqp, settings).await;
+    eventually(
+        "the relay's first round to publish the first order",
+        Duration::from_secs(10),
+        || async { (relay_status(&relay).await["batches"].as_u64() >= Some(1)).then_some(()) },
+    )
+    .await;
+    relay
+}
+
+/// The NOTIFYs on `outbox` that reached `listener`, waiting a little for
+/// late ones.
+async fn notifies_heard(listener: &mut sqlx::postgres::PgListener) -> usize {
+    let mut heard = 0;
+    while let Ok(notification) =
+        tokio::time::timeout(Duration::from_millis(500), listener.recv()).await
+    {
+        notification.unwrap();
+        heard += 1;
+    }
+    heard
+}
+
+/// Whether the relay has published `order`'s events.
+async fn published(pool: &PgPool, order: Uuid) -> bool {
+    sqlx::query_scalar(
+        "SELECT bool_and(published_at IS NOT NULL) FROM outbox WHERE aggregate_id = $1",
+    )
+    .bind(order)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// With a relay that would not poll for ten minutes, an order placed after
+/// its first round reaches the consumer only if one NOTIFY (from the API
+/// after its commit, or from the trigger inside it, never both) wakes the
+/// relay; with `OUTBOX_NOTIFY=off`, it waits.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_commit_wakes_the_relay_by_the_apis_notify_or_the_triggers(pool: PgPool) {
+    use outbox::Notify;
+    let topology = OutboxTopology::new();
+    let amqp = amqp_url();
+    let consumer = start_consumer(&pool, &amqp, &topology).await;
+    for notify in [Notify::On, Notify::Trigger, Notify::Off] {
+        let settings = woken_only_by_notify(&topology, notify);
+        let api = Service::api(pool.clone(), &amqp, &settings).await;
+        let relay = relay_past_first_round(&pool, &amqp, &settings, &api).await;
+        let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+            .await
+            .unwrap();
+        listener.listen("outbox").await.unwrap();
+        let id = new_order(&api, "c-woken").await;
+        if notify == Notify::Off {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert!(
+                !published(&pool, id).await,
+                "{notify:?}: published within 3 s with no NOTIFY: something woke the relay"
+            );
+        } else {
+            eventually(
+                &format!("{notify:?}: the order to be handled"),
+                Duration::from_secs(10),
+                || async {
+                    let notes = consumer
+                        .get_json(&format!("/notifications?order_id={id}"))
+                        .await;
+                    (notes.as_array().unwrap().len() == 1).then_some(())
+                },
+            )
+            .await;
+        }
+        let want = usize::from(notify != Notify::Off);
+        assert_eq!(
+            notifies_heard(&mut listener).await,
+            want,
+            "{notify:?}: NOTIFYs sent for one commit"
+        );
+        api.stop().await.unwrap();
+        relay.stop().await.unwrap();
+    }
+    consumer.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn an_event_failing_in_a_batch_is_requeued_alone_and_the_rest_commit(pool: PgPool) {
+    const ORDERS: i64 = 40;
+    let mut topology = OutboxTopology::new();
+    // One lane, batches of up to 64: the failing event shares a transaction.
+    topology.settings.consumer_lanes = 1;
+    topology.settings.consumer_batch_size = 64;
+    let amqp = amqp_url();
+    // The queue exists, and the events wait in it for a consumer that takes
+    // them many at a time.
+    start_consumer(&pool, &amqp, &topology)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    let api = Service::api(pool.clone(), &amqp, &topology.settings).await;
+    let relay = Service::relay(pool.clone(), &amqp, &topology.settings).await;
+    let mut ids = Vec::new();
+    for i in 0..ORDERS {
+        ids.push(new_order(&api, &format!("c-{i}")).await);
+    }
+    wait_for_count(&pool, PENDING, 0, Duration::from_secs(20)).await;
+    // The first attempt at one order's notification fails (a sequence is
+    // not rolled back with its transaction, so only the first), and says
+    // how many orders its transaction held.
+    sqlx::raw_sql(
+        "CREATE TABLE fail_once (order_id uuid PRIMARY KEY); \
+         CREATE SEQUENCE failed_attempts; \
+         CREATE SEQUENCE culprit_batch; \
+         CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.order_id IN (SELECT order_id FROM fail_once) \
+              AND nextval('failed_attempts') = 1 THEN \
+             PERFORM setval('culprit_batch', (SELECT count(*) FROM order_progress \
+               WHERE xmin = pg_current_xact_id()::xid)); \
+             RAISE EXCEPTION 'first attempt refused by the test'; \
+           END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER fail_once BEFORE INSERT ON notifications \
+           FOR EACH ROW EXECUTE FUNCTION fail_once();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO fail_once VALUES ($1)")
+        .bind(ids[ids.len() / 2])
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let consumer = start_consumer(&pool, &amqp, &topology).await;
+    wait_for_count(&pool, NOTIFICATIONS, ORDERS, Duration::from_secs(20)).await;
+    // The counters move once the broker has been told, just after the commit.
+    let stats = eventually(
+        "the consumer to count them all",
+        Duration::from_secs(10),
+        || async {
+            let stats = consumer.get_json("/stats").await;
+            (stats["handled"] == ORDERS).then_some(stats)
+        },
+    )
+    .await;
+    assert_eq!(
+        (stats["handled"].clone(), stats["requeued"].clone()),
+        (json!(ORDERS), json!(1)),
+        "only the failing event went back to the queue: {stats}"
+    );
+    assert_eq!(
+        stats["duplicates_suppressed"], 0,
+        "its neighbours were not applied twice: {stats}"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM processed_events").await,
+        ORDERS
+    );
+    assert_batch_shared(&pool).await;
+    relay.stop().await.unwrap();
+    consumer.stop().await.unwrap();
+    api.stop().await.unwrap();
+}
+
+/// The orders in the transaction where the culprit failed, as the test's
+/// trigger recorded them (in `culprit_batch`, which no rollback undoes):
+/// more than its own, or the test proved nothing about batches.
+async fn assert_batch_shared(pool: &PgPool) {
+    let orders = count(pool, "SELECT last_value FROM culprit_batch").await;
+    assert!(
+        orders > 1,
+        "the failing event was alone in its transaction ({orders} order): no neighbours to spare"
+    );
+}
+
+/// An order's event as the relay would publish it.
+fn order_event(order: Uuid, event_type: &str, sequence: i64) -> outbox::events::Event {
+    let data = json!({"id": order, "customer_id": "c-direct", "total_cents": 100,
+        "items": [{"sku": "KB-1", "quantity": 1, "price_cents": 100}], "delivery": "outbox"});
+    outbox::events::Event::new(event_type, order, sequence, data)
+}
+
+/// Publishes `event` to `exchange` with the relay's properties.
+async fn publish_event(channel: &lapin::Channel, exchange: &str, event: &outbox::events::Event) {
+    let body = serde_json::to_vec(event).unwrap();
+    let (id, kind, order) = (event.event_id, &event.event_type, event.aggregate_id);
+    outbox::events::publish(channel, exchange, id, kind, order, &body, false)
+        .await
+        .unwrap();
+}
+
+/// `order`'s notifications and parked events.
+async fn order_state(pool: &PgPool, order: Uuid) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM notifications WHERE order_id = $1), \
+                (SELECT count(*) FROM parked_events WHERE order_id = $1)",
+    )
+    .bind(order)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Two consumers on one order: P waits for the order's progress row while
+/// Q holds it and parks the order's second event. When Q commits, P applies
+/// the first event and must see the parked second one (which committed
+/// after P's statement began) and apply it too, or it waits forever.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn an_event_parked_while_its_predecessor_waits_for_the_lock_is_released(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let consumer = start_consumer(&pool, &amqp_url(), &topology).await;
+    let order = Uuid::now_v7();
+    let first = order_event(order, outbox::events::ORDER_CREATED, 1);
+    let second = order_event(order, outbox::events::ORDER_CANCELLED, 2);
+    sqlx::query("INSERT INTO order_progress (order_id, applied) VALUES ($1, 0)")
+        .bind(order)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Q, the other consumer: it holds the order's row.
+    let mut q = pool.begin().await.unwrap();
+    sqlx::query("SELECT FROM order_progress WHERE order_id = $1 FOR UPDATE")
+        .bind(order)
+        .execute(&mut *q)
+        .await
+        .unwrap();
+    let channel = amqp_channel().await;
+    publish_event(&channel, &topology.settings.exchange, &first).await;
+    eventually(
+        "the consumer to wait for the order's row",
+        Duration::from_secs(10),
+        || async {
+            let waiting = count(
+                &pool,
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await;
+            (waiting == 1).then_some(())
+        },
+    )
+    .await;
+    // Q parks the second event, as a consumer does when it comes first.
+    sqlx::query(
+        "INSERT INTO parked_events (event_id, order_id, sequence, envelope) \
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(second.event_id)
+    .bind(order)
+    .bind(second.sequence)
+    .bind(sqlx::types::Json(&second))
+    .execute(&mut *q)
+    .await
+    .unwrap();
+    q.commit().await.unwrap();
+
+    let state = eventually(
+        "the first event to be applied",
+        Duration::from_secs(10),
+        || async {
+            let state = order_state(&pool, order).await;
+            (state.0 >= 1).then_some(state)
+        },
+    )
+    .await;
+    assert_eq!(
+        state,
+        (2, 0),
+        "(notifications, parked events): the parked successor was released with its predecessor"
+    );
+    consumer.stop().await.unwrap();
+}
+
+/// Messages waiting in the dead-letter queue of `queue`.
+async fn dead_letters(channel: &lapin::Channel, queue: &str) -> u32 {
+    let dlq = outbox::events::dead_letter_queue(queue);
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(dlq.as_str().into(), passive, FieldTable::default())
+        .await
+        .unwrap()
+        .message_count()
+}
+
+/// A batch whose commit fails (a deferred constraint, checked at COMMIT,
+/// refuses one order's notification) goes again one event per transaction:
+/// only the culprit burns its delivery attempts and is dead-lettered; its
+/// neighbours are applied once each.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn an_event_failing_at_commit_costs_its_own_attempts_not_its_neighbours(pool: PgPool) {
+    const ORDERS: usize = 12;
+    let mut topology = OutboxTopology::new();
+    topology.settings.consumer_lanes = 1;
+    topology.settings.consumer_batch_size = 64;
+    let amqp = amqp_url();
+    // The queue exists; the events wait in it, to be taken many at a time.
+    start_consumer(&pool, &amqp, &topology)
+        .await
+        .stop()
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE culprit (order_id uuid PRIMARY KEY); \
+         CREATE SEQUENCE culprit_batch; \
+         CREATE FUNCTION refuse_culprit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.order_id IN (SELECT order_id FROM culprit) THEN \
+             PERFORM setval('culprit_batch', greatest(c.last_value, ( \
+               SELECT count(*) FROM order_progress WHERE xmin = pg_current_xact_id()::xid))) \
+               FROM culprit_batch c; \
+             RAISE EXCEPTION 'refused at commit by the test'; \
+           END IF; RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER refuse_culprit AFTER INSERT ON notifications \
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_culprit();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let orders: Vec<Uuid> = (0..ORDERS).map(|_| Uuid::now_v7()).collect();
+    let culprit = orders[ORDERS / 2];
+    sqlx::query("INSERT INTO culprit VALUES ($1)")
+        .bind(culprit)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let channel = amqp_channel().await;
+    for &order in &orders {
+        let event = order_event(order, outbox::events::ORDER_CREATED, 1);
+        publish_event(&channel, &topology.settings.exchange, &event).await;
+    }
+
+    let consumer = start_consumer(&pool, &amqp, &topology).await;
+    let queue = topology.settings.queue.as_str();
+    // Every event ends applied or dead-lettered.
+    let (applied, dead) = eventually("every event to settle", Duration::from_secs(30), || async {
+        let applied = count(&pool, "SELECT count(DISTINCT order_id) FROM notifications").await;
+        let dead = dead_letters(&channel, queue).await;
+        (applied + i64::from(dead) == ORDERS as i64).then_some((applied, dead))
+    })
+    .await;
+    assert_eq!(
+        (applied, dead),
+        (ORDERS as i64 - 1, 1),
+        "(orders applied, events dead-lettered): only the culprit may be dead-lettered"
+    );
+    let (culprit_notes, _) = order_state(&pool, culprit).await;
+    assert_eq!(culprit_notes, 0);
+    assert_eq!(count(&pool, NOTIFICATIONS).await, ORDERS as i64 - 1);
+    assert_eq!(
+        consumer.get_json("/stats").await["duplicates_suppressed"],
+        0
+    );
+    assert_batch_shared(&pool).await;
+    consumer.stop().await.unwrap();
+}
+
+/// A NOTIFY whose connection broke (Postgres restarted, the session was
+/// ended) is sent again at once on a new one: the commit it announces does
+/// not wait for the relay's poll (ten minutes here).
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_notify_whose_connection_broke_is_sent_again_at_once(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let amqp = amqp_url();
+    let settings = woken_only_by_notify(&topology, outbox::Notify::On);
+    let consumer = start_consumer(&pool, &amqp, &topology).await;
+    let api = Service::api(pool.clone(), &amqp, &settings).await;
+    let relay = relay_past_first_round(&pool, &amqp, &settings, &api).await;
+    // The API's NOTIFY connection is open and has notified.
+    an_order_gets_through(&api, &consumer, Duration::from_secs(10)).await;
+    let ended = count(
+        &pool,
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+           WHERE datname = current_database() AND query LIKE '%pg_notify(%' \
+             AND pid <> pg_backend_pid()) ended",
+    )
+    .await;
+    assert_eq!(ended, 1, "one session sends the API's NOTIFYs");
+    an_order_gets_through(&api, &consumer, Duration::from_secs(5)).await;
+    relay.stop().await.unwrap();
+    api.stop().await.unwrap();
+    consumer.stop().await.unwrap();
+}
+
+/// A prefetch of 0 means "unlimited" to RabbitMQ, and the lanes could not
+/// be built: the consumer must refuse it, not panic.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn a_consumer_prefetch_below_one_is_refused_at_start(pool: PgPool) {
+    let topology = OutboxTopology::new();
+    let settings = outbox::Settings {
+        consumer_prefetch: 0,
+        ..topology.settings.clone()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let started = tokio::time::timeout(
+        Duration::from_secs(10),
+        outbox::consumer::serve(
+            listener,
+            pool,
+            amqp_url(),
+            settings,
+            tokio_util::sync::CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("the consumer must refuse at once, not run");
+    let err = started.expect_err("a prefetch of 0 must be refused");
+    assert!(format!("{err:#}").contains("CONSUMER_PREFETCH"), "{err:#}");
+}
+
+/// The stage stamped at the consumer's commit ("consumed") means applied:
+/// an event that is parked is stamped when the commit that releases it
+/// applies it, and a redelivery of an applied event is not stamped again.
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn the_consumed_stage_is_stamped_when_an_event_is_applied(pool: PgPool) {
+    use outbox::stages::{Probe, Stage};
+    let topology = OutboxTopology::new();
+    let metrics = lab_core::metrics::Metrics::new("test_consumer");
+    let (probe, mut stamps) = Probe::channel();
+    let consumer = outbox::consumer::Consumer::new(
+        pool.clone(),
+        amqp_url(),
+        topology.settings.clone(),
+        &metrics,
+    )
+    .with_probe(probe);
+    let stats = consumer.stats();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(consumer.run(shutdown.clone()));
+    let settled = |what: &'static str, done: fn(&outbox::consumer::StatsBody) -> bool| {
+        let stats = stats.clone();
+        async move {
+            eventually(what, Duration::from_secs(10), || async {
+                done(&stats.body()).then_some(())
+            })
+            .await
+        }
+    };
+    settled("the consumer to connect", |s| s.broker_connected).await;
+    let order = Uuid::now_v7();
+    let first = order_event(order, outbox::events::ORDER_CREATED, 1);
+    let second = order_event(order, outbox::events::ORDER_CANCELLED, 2);
+    let channel = amqp_channel().await;
+    let exchange = topology.settings.exchange.as_str();
+    publish_event(&channel, exchange, &second).await;
+    settled("the second event to be parked", |s| s.parked == 1).await;
+    publish_event(&channel, exchange, &first).await;
+    settled("both to be applied", |s| s.handled == 2).await;
+    publish_event(&channel, exchange, &first).await;
+    settled("the redelivery to be dropped", |s| {
+        s.duplicates_suppressed == 1
+    })
+    .await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    let mut consumed = Vec::new();
+    while let Ok(stamp) = stamps.try_recv() {
+        if stamp.stage == Stage::Committed {
+            consumed.extend(stamp.event_ids);
+        }
+    }
+    assert_eq!(
+        consumed,
+        [first.event_id, second.event_id],
+        "events stamped consumed, in order (first {}, second {})",
+        first.event_id,
+        second.event_id
+    );
+}

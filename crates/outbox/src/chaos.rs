@@ -96,12 +96,7 @@ pub async fn run(
 
     let metrics = Metrics::new("outbox_chaos");
     let stop = CancellationToken::new();
-    let orders = Orders::new(
-        pool.clone(),
-        proxied.clone(),
-        settings.exchange.clone(),
-        &metrics,
-    );
+    let orders = Orders::new(pool.clone(), proxied.clone(), &settings, &metrics);
     let relay = Relay::new(pool.clone(), proxied.clone(), settings.clone(), &metrics);
     let consumer = Consumer::new(pool.clone(), proxied.clone(), settings.clone(), &metrics);
     let consumer_stats = consumer.stats();

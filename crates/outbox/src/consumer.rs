@@ -34,17 +34,45 @@
 //! dual-write path, or dead-lettered) waits in `parked_events` for good, in
 //! plain sight (`/stats` counts parked events), never applied out of order.
 //!
-//! Messages are handled in a few lanes at once, chosen by the aggregate id
-//! header, so events of one order stay in one lane while different orders
-//! proceed side by side. A message that can never be handled (malformed
-//! JSON, an unknown event type) is rejected to the dead-letter queue at
-//! once; one that fails for another reason is requeued, and RabbitMQ
-//! dead-letters it after `CONSUMER_MAX_ATTEMPTS` deliveries. While Postgres
-//! is down the consumer waits rather than burning attempts.
+//! Messages are handled in `CONSUMER_LANES` lanes at once, chosen by the
+//! aggregate id header, so events of one order stay in one lane while
+//! different orders proceed side by side. A message that can never be
+//! handled (malformed JSON, an unknown event type) is rejected to the
+//! dead-letter queue at once; one that fails for another reason is
+//! requeued (a reject with requeue, not a nack: RabbitMQ 4.3 and later
+//! count only rejects toward the limit), and RabbitMQ dead-letters it after
+//! `CONSUMER_MAX_ATTEMPTS` deliveries. While Postgres is down the consumer
+//! waits rather than burning attempts.
+//!
+//! **Batches.** A lane acts on every delivery waiting for it, up to
+//! `CONSUMER_BATCH_SIZE`, in one transaction: one statement locks the
+//! batch's orders (in order of order id, so two consumers' batches never
+//! wait for each other in a circle), the next reads which of them have
+//! parked events (after the locks: see `lock_progress`), one statement per
+//! event applies it, and the acks go after the commit. One event per
+//! transaction paid a durable commit (a WAL flush) and five round trips per
+//! event, and under load the queue in front of the consumer grew without
+//! bound: `lab bench outbox` measured the API committing more than the
+//! consumer could handle.
+//! A batch changes none of the guarantees: an effect and its
+//! `processed_events` row commit together and before the ack, and a crash
+//! mid-batch rolls the whole batch back for redelivery. A batch waits for
+//! nothing: it is what queued up while the last one ran, so a lone event
+//! still goes at once. An event whose statement fails is taken out and
+//! requeued, and the rest of its batch goes again without it. A batch whose
+//! transaction fails with no statement to blame (its commit refused by a
+//! deferred constraint, say) goes again one event per transaction, and
+//! only the one that still fails is requeued: one bad event costs its own
+//! attempt, not its neighbours'. Rejected: more lanes instead
+//! (16 lanes of one event drained a third of what 4 lanes of 64 did), and a
+//! prefetch smaller than lanes × batch size, which leaves the lanes sharing
+//! a batch's worth of messages (hence `CONSUMER_PREFETCH` 256).
 
 use std::{
+    collections::{HashMap, HashSet},
     hash::{Hash, Hasher},
     sync::Arc,
+    time::Instant,
 };
 
 use axum::{Router, extract::State, routing::get};
@@ -54,8 +82,8 @@ use lab_core::{Json, Query, metrics::Metrics};
 use lapin::{
     message::Delivery,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-        BasicQosOptions, BasicRejectOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions,
+        BasicRejectOptions,
     },
     types::{AMQPValue, FieldTable},
 };
@@ -72,13 +100,11 @@ use uuid::Uuid;
 use crate::{
     Settings,
     events::{self, Event, ORDER_CANCELLED, ORDER_CREATED},
+    stages::{Probe, Stage},
 };
 use lab_core::backoff::Backoff;
 use lab_core::openapi::ErrorBody;
 use utoipa::{IntoParams, OpenApi, ToSchema};
-
-/// Deliveries handled side by side (one order's events always share a lane).
-const LANES: usize = 4;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PathLabel {
@@ -149,8 +175,8 @@ struct OrderData {
 }
 
 enum Outcome {
-    /// Applied, with this many parked successors it released.
-    Handled(u64),
+    /// Applied, with the parked successors it released (their event ids).
+    Handled(Vec<Uuid>),
     Duplicate(String),
     /// Arrived before its predecessor: kept in `parked_events`.
     Parked,
@@ -169,6 +195,14 @@ pub struct Consumer {
     amqp_url: String,
     settings: Arc<Settings>,
     stats: Arc<ConsumerStats>,
+    probe: Probe,
+}
+
+/// A delivery that parsed, on its way through a lane's batch.
+struct Item {
+    delivery: Delivery,
+    event: Event,
+    order: OrderData,
 }
 
 impl Consumer {
@@ -205,7 +239,13 @@ impl Consumer {
             amqp_url,
             settings: Arc::new(settings),
             stats,
+            probe: Probe::default(),
         }
+    }
+
+    /// Reports when each event is delivered and when its transaction commits.
+    pub fn with_probe(self, probe: Probe) -> Self {
+        Self { probe, ..self }
     }
 
     pub fn stats(&self) -> Arc<ConsumerStats> {
@@ -215,6 +255,14 @@ impl Consumer {
     /// Consumes until `shutdown` fires, reconnecting with backoff whenever
     /// the broker connection breaks.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // To RabbitMQ a prefetch of 0 means no limit, and the lanes' queues
+        // cannot be 0 long. (clap refuses it from the environment; this
+        // refuses it from a caller that builds Settings by hand.)
+        anyhow::ensure!(
+            self.settings.consumer_prefetch >= 1,
+            "CONSUMER_PREFETCH must be 1 or more, not {}",
+            self.settings.consumer_prefetch
+        );
         let mut backoff = Backoff::reconnect();
         while !shutdown.is_cancelled() {
             let mut connected = false;
@@ -265,27 +313,14 @@ impl Consumer {
         *connected = true;
         tracing::info!(queue = %self.settings.queue, "consumer connected to RabbitMQ");
 
-        // Bounded lanes: when they are full, we stop reading, and the
-        // prefetch limit stops the broker from sending more.
-        let mut lanes = Vec::with_capacity(LANES);
-        let mut workers = JoinSet::new();
-        for _ in 0..LANES {
-            let (tx, mut rx) = mpsc::channel::<Delivery>(self.settings.consumer_prefetch.into());
-            lanes.push(tx);
-            let (me, shutdown) = (self.clone(), shutdown.clone());
-            workers.spawn(async move {
-                while let Some(delivery) = rx.recv().await {
-                    me.handle(delivery, &shutdown).await;
-                }
-            });
-        }
-
+        let (lanes, mut workers) = self.spawn_lanes(shutdown);
         let result = loop {
             tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
                 next = deliveries.next() => match next {
                     Some(Ok(delivery)) => {
-                        let lane = lane_of(&delivery);
+                        self.probe.stamp(Stage::Delivered, Instant::now(), || event_id(&delivery));
+                        let lane = lane_of(&delivery, lanes.len());
                         if lanes[lane].send(delivery).await.is_err() {
                             break Err("a consumer lane stopped".to_owned());
                         }
@@ -312,15 +347,69 @@ impl Consumer {
         result
     }
 
-    async fn handle(&self, delivery: Delivery, shutdown: &CancellationToken) {
+    /// Starts the lanes: each takes what waits for it, up to a batch, and
+    /// acts on it in one transaction. Bounded: when they are full, the
+    /// dispatcher stops reading, and the prefetch limit stops the broker.
+    fn spawn_lanes(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> (Vec<mpsc::Sender<Delivery>>, JoinSet<()>) {
+        let lanes = usize::from(self.settings.consumer_lanes.max(1));
+        let batch = usize::from(self.settings.consumer_batch_size.max(1));
+        let mut senders = Vec::with_capacity(lanes);
+        let mut workers = JoinSet::new();
+        for _ in 0..lanes {
+            let (tx, mut rx) = mpsc::channel::<Delivery>(self.settings.consumer_prefetch.into());
+            senders.push(tx);
+            let (me, shutdown) = (self.clone(), shutdown.clone());
+            workers.spawn(async move {
+                let mut deliveries = Vec::with_capacity(batch);
+                while rx.recv_many(&mut deliveries, batch).await > 0 {
+                    me.handle(std::mem::take(&mut deliveries), &shutdown).await;
+                }
+            });
+        }
+        (senders, workers)
+    }
+
+    /// One lane's batch: poison is rejected at once, the rest is acted on
+    /// in one transaction, then every delivery is settled with the broker.
+    async fn handle(&self, deliveries: Vec<Delivery>, shutdown: &CancellationToken) {
+        let mut batch = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match parse(&delivery.data) {
+                Ok((event, order)) => batch.push(Item {
+                    delivery,
+                    event,
+                    order,
+                }),
+                Err(reason) => self.settle(&delivery, Outcome::Poison(reason)).await,
+            }
+        }
+        let outcomes = self.record(&batch, shutdown).await;
+        // Applied: the events handled now, and the parked ones they released.
+        self.probe.stamp(Stage::Committed, Instant::now(), || {
+            let applied = batch.iter().zip(&outcomes).filter_map(|(item, outcome)| {
+                let Outcome::Handled(released) = outcome else {
+                    return None;
+                };
+                Some(std::iter::once(item.event.event_id).chain(released.iter().copied()))
+            });
+            applied.flatten()
+        });
+        let settled = batch
+            .iter()
+            .zip(outcomes)
+            .map(|(item, outcome)| self.settle(&item.delivery, outcome));
+        futures::future::join_all(settled).await;
+    }
+
+    /// Tells the broker what became of a delivery, and counts it.
+    async fn settle(&self, delivery: &Delivery, outcome: Outcome) {
         use lab_core::amqp::bounded;
-        let outcome = match parse(&delivery.data) {
-            Err(reason) => Outcome::Poison(reason),
-            Ok((event, order)) => self.record(&event, &order, shutdown).await,
-        };
         let acked = match outcome {
             Outcome::Handled(released) => {
-                self.stats.handled.inc_by(1 + released);
+                self.stats.handled.inc_by(1 + released.len() as u64);
                 bounded(delivery.ack(BasicAckOptions::default())).await
             }
             Outcome::Parked => {
@@ -348,11 +437,11 @@ impl Consumer {
                     message_id = ?delivery.properties.message_id(),
                     "handling failed, requeueing: {reason}"
                 );
-                bounded(delivery.nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                }))
-                .await
+                // A reject, not a nack: RabbitMQ 4.3 and later count only a
+                // reject as a failed delivery toward `x-delivery-limit` (a
+                // nack would requeue a failing event forever); before 4.3
+                // both count.
+                bounded(delivery.reject(BasicRejectOptions { requeue: true })).await
             }
             Outcome::Abandoned => return,
         };
@@ -363,90 +452,187 @@ impl Consumer {
         }
     }
 
-    /// Acts on the event once, retrying while Postgres is unreachable.
-    async fn record(
-        &self,
-        event: &Event,
-        order: &OrderData,
-        shutdown: &CancellationToken,
-    ) -> Outcome {
+    /// Acts on the batch in one transaction, retrying while Postgres is
+    /// unreachable. An event whose statement fails is taken out (requeued)
+    /// and the others go again without it. A transaction that fails as a
+    /// whole (its commit refused, say) names no culprit: its events go
+    /// again one per transaction, so that only the culprit fails.
+    async fn record(&self, batch: &[Item], shutdown: &CancellationToken) -> Vec<Outcome> {
+        let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
         let mut backoff = Backoff::reconnect();
+        let mut one_at_a_time = false;
         loop {
-            match self.record_once(event, order).await {
-                Ok(Recorded::Applied(released)) => return Outcome::Handled(released),
-                Ok(Recorded::Parked) => return Outcome::Parked,
-                Ok(Recorded::Before) => {
-                    return Outcome::Duplicate(
-                        order.delivery.clone().unwrap_or_else(|| "unknown".into()),
-                    );
+            let mut todo: Vec<usize> = (0..batch.len())
+                .filter(|&i| outcomes[i].is_none())
+                .collect();
+            if todo.is_empty() {
+                break;
+            }
+            if one_at_a_time {
+                todo.truncate(1);
+            }
+            match self.record_once(todo.iter().map(|&i| &batch[i])).await {
+                Ok(recorded) => {
+                    for (i, recorded) in todo.into_iter().zip(recorded) {
+                        outcomes[i] = Some(recorded.outcome(&batch[i].order));
+                    }
                 }
-                Err(err) if lab_core::postgres::is_unavailable(&err) => {
+                Err((_, err)) if lab_core::postgres::is_unavailable(&err) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(
                         "{}; retrying in {delay:?}",
                         lab_core::postgres::describe(&self.pool, &err)
                     );
                     tokio::select! {
-                        () = shutdown.cancelled() => return Outcome::Abandoned,
+                        () = shutdown.cancelled() => {
+                            todo.iter().for_each(|&i| outcomes[i] = Some(Outcome::Abandoned));
+                        }
                         () = tokio::time::sleep(delay) => {}
                     }
                 }
-                Err(err) => return Outcome::Failed(err.to_string()),
+                Err((Some(failed), err)) => {
+                    outcomes[todo[failed]] = Some(Outcome::Failed(err.to_string()))
+                }
+                Err((None, err)) if todo.len() > 1 => {
+                    tracing::warn!("a batch of {} failed ({err}): one at a time", todo.len());
+                    one_at_a_time = true;
+                }
+                Err((None, err)) => outcomes[todo[0]] = Some(Outcome::Failed(err.to_string())),
             }
         }
+        outcomes.into_iter().flatten().collect()
     }
 
-    /// One transaction: apply the event if it is its order's next one (and
-    /// every parked successor it releases), park it if it is early.
-    async fn record_once(&self, event: &Event, order: &OrderData) -> sqlx::Result<Recorded> {
-        let mut tx = self.pool.begin().await?;
-        let applied = lock_progress(&mut tx, event.aggregate_id).await?;
-        if event.sequence <= applied {
-            // The order is past it: applied before, this is a redelivery.
-            return Ok(Recorded::Before); // rolls back on drop
+    /// One transaction for `items`. A failure names the item whose
+    /// statement failed, or none (the transaction itself failed).
+    async fn record_once<'a>(
+        &self,
+        items: impl Iterator<Item = &'a Item> + Clone,
+    ) -> Result<Vec<Recorded>, (Option<usize>, sqlx::Error)> {
+        let mut tx = self.pool.begin().await.map_err(|err| (None, err))?;
+        let orders = items.clone().map(|item| item.event.aggregate_id);
+        let mut progress = lock_progress(&mut tx, orders)
+            .await
+            .map_err(|err| (None, err))?;
+        let mut recorded = Vec::new();
+        for (k, item) in items.enumerate() {
+            let order = progress.entry(item.event.aggregate_id).or_default();
+            let one = record_one(&mut tx, order, &item.event, &item.order).await;
+            recorded.push(one.map_err(|err| (Some(k), err))?);
         }
-        if event.sequence > applied + 1 {
-            let parked = park(&mut tx, event).await?;
-            tx.commit().await?;
-            // A redelivery of an event already parked parks nothing new.
-            return Ok(if parked {
-                Recorded::Parked
-            } else {
-                Recorded::Before
-            });
-        }
-        if !apply(&mut tx, event, order).await? {
-            return Ok(Recorded::Before);
-        }
-        let released = release_parked(&mut tx, event.aggregate_id, event.sequence).await?;
-        tx.commit().await?;
-        Ok(Recorded::Applied(released))
+        tx.commit().await.map_err(|err| (None, err))?;
+        Ok(recorded)
     }
+}
+
+/// Where one order stands, as its locked progress row says.
+#[derive(Default, sqlx::FromRow)]
+struct Progress {
+    /// The last sequence applied.
+    applied: i64,
+    /// Whether events of it wait in `parked_events`.
+    parked: bool,
+}
+
+/// Applies the event if it is its order's next one (and every parked
+/// successor it releases), parks it if it is early, in the caller's
+/// transaction, which holds the order's progress row locked.
+async fn record_one(
+    tx: &mut PgConnection,
+    progress: &mut Progress,
+    event: &Event,
+    order: &OrderData,
+) -> sqlx::Result<Recorded> {
+    if event.sequence <= progress.applied {
+        // The order is past it: applied before, this is a redelivery.
+        return Ok(Recorded::Before);
+    }
+    if event.sequence > progress.applied + 1 {
+        // A redelivery of an event already parked parks nothing new.
+        let parked = park(tx, event).await?;
+        progress.parked |= parked;
+        return Ok(if parked {
+            Recorded::Parked
+        } else {
+            Recorded::Before
+        });
+    }
+    if !apply(tx, event, order).await? {
+        return Ok(Recorded::Before);
+    }
+    progress.applied = event.sequence;
+    let released = if progress.parked {
+        release_parked(tx, event.aggregate_id, progress).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Recorded::Applied(released))
 }
 
 /// What one transaction did with an event.
 enum Recorded {
-    /// Applied now, and this many parked successors with it.
-    Applied(u64),
+    /// Applied now, and these parked successors (their event ids) with it.
+    Applied(Vec<Uuid>),
     /// Arrived before its predecessor: parked.
     Parked,
     /// Applied or parked before: a redelivery.
     Before,
 }
 
-/// Locks the order's progress row (creating it at the order's first event)
-/// and returns the last sequence applied. The lock makes one order's events
+impl Recorded {
+    fn outcome(self, order: &OrderData) -> Outcome {
+        match self {
+            Recorded::Applied(released) => Outcome::Handled(released),
+            Recorded::Parked => Outcome::Parked,
+            Recorded::Before => {
+                Outcome::Duplicate(order.delivery.clone().unwrap_or_else(|| "unknown".into()))
+            }
+        }
+    }
+}
+
+/// Locks the progress rows of `orders` (creating those seen for the first
+/// time) and says where each stands. The lock makes one order's events
 /// take turns, so an event parked by one consumer cannot be missed by
-/// another that applies its predecessor at the same moment.
-async fn lock_progress(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "INSERT INTO order_progress (order_id, applied) VALUES ($1, 0) \
+/// another that applies its predecessor at the same moment. Rows are
+/// locked in order of order id, whatever the batch, so two consumers'
+/// batches never wait for each other in a circle (a deadlock).
+///
+/// The parked events are read by a second statement, once the locks are
+/// held. Asked in the locking statement, the question would be answered
+/// from that statement's snapshot, taken *before* it waited for a lock:
+/// a consumer that parked an event and committed while this one waited
+/// would leave `applied` current (it is read from the locked row) but the
+/// parked event unseen, and this one would apply the predecessor without
+/// releasing it, leaving it parked for good.
+async fn lock_progress(
+    tx: &mut PgConnection,
+    orders: impl Iterator<Item = Uuid>,
+) -> sqlx::Result<HashMap<Uuid, Progress>> {
+    let mut orders: Vec<Uuid> = orders.collect();
+    orders.sort_unstable();
+    orders.dedup();
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "INSERT INTO order_progress (order_id, applied) \
+         SELECT order_id, 0 FROM unnest($1::uuid[]) AS o (order_id) ORDER BY order_id \
          ON CONFLICT (order_id) DO UPDATE SET applied = order_progress.applied \
-         RETURNING applied",
+         RETURNING order_id, applied",
     )
-    .bind(order_id)
-    .fetch_one(tx)
-    .await
+    .bind(&orders)
+    .fetch_all(&mut *tx)
+    .await?;
+    let parked: HashSet<Uuid> =
+        sqlx::query_scalar("SELECT DISTINCT order_id FROM parked_events WHERE order_id = ANY($1)")
+            .bind(&orders)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+    let progress = |(order, applied)| {
+        let parked = parked.contains(&order);
+        (order, Progress { applied, parked })
+    };
+    Ok(rows.into_iter().map(progress).collect())
 }
 
 /// Keeps an early event until its predecessor is applied. False: it was
@@ -466,45 +652,45 @@ async fn park(tx: &mut PgConnection, event: &Event) -> sqlx::Result<bool> {
     Ok(inserted.rows_affected() == 1)
 }
 
-/// The side effect and the memory of it, in the caller's transaction.
-/// False: this event id was acted on before.
+/// The side effect, the memory of it and the order's progress, in the
+/// caller's transaction, in one statement. False: this event id was acted
+/// on before (and nothing was written).
 async fn apply(tx: &mut PgConnection, event: &Event, order: &OrderData) -> sqlx::Result<bool> {
-    let first_time =
-        sqlx::query("INSERT INTO processed_events (event_id) VALUES ($1) ON CONFLICT DO NOTHING")
-            .bind(event.event_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            == 1;
-    if !first_time {
-        return Ok(false);
-    }
-    sqlx::query(
-        "INSERT INTO notifications (event_id, order_id, event_type, message, occurred_at) \
-         VALUES ($1, $2, $3, $4, $5)",
+    let inserted = sqlx::query(
+        "WITH first_time AS (INSERT INTO processed_events (event_id) VALUES ($1) \
+                               ON CONFLICT DO NOTHING RETURNING event_id), \
+              progress AS (UPDATE order_progress SET applied = $7 \
+                             WHERE order_id = $6 AND EXISTS (SELECT FROM first_time)) \
+         INSERT INTO notifications (event_id, order_id, event_type, message, occurred_at) \
+         SELECT event_id, $2, $3, $4, $5 FROM first_time",
     )
     .bind(event.event_id)
     .bind(order.id)
     .bind(&event.event_type)
     .bind(message(&event.event_type, order))
     .bind(event.occurred_at)
+    .bind(event.aggregate_id)
+    .bind(event.sequence)
     .execute(tx)
     .await?;
-    Ok(true)
+    Ok(inserted.rows_affected() == 1)
 }
 
-/// Records `applied` as the order's progress and applies each parked event
-/// that now comes next. Returns how many it applied.
-async fn release_parked(tx: &mut PgConnection, order_id: Uuid, applied: i64) -> sqlx::Result<u64> {
-    let (mut applied, mut released) = (applied, 0);
+/// Applies each parked event that now comes next, in turn. Returns the ids
+/// of those it applied.
+async fn release_parked(
+    tx: &mut PgConnection,
+    order_id: Uuid,
+    progress: &mut Progress,
+) -> sqlx::Result<Vec<Uuid>> {
+    let mut released = Vec::new();
     loop {
         let next: Option<sqlx::types::Json<Event>> = sqlx::query_scalar(
-            "WITH progress AS (UPDATE order_progress SET applied = $2 WHERE order_id = $1) \
-             DELETE FROM parked_events WHERE order_id = $1 AND sequence = $2 + 1 \
+            "DELETE FROM parked_events WHERE order_id = $1 AND sequence = $2 + 1 \
              RETURNING envelope",
         )
         .bind(order_id)
-        .bind(applied)
+        .bind(progress.applied)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(sqlx::types::Json(event)) = next else {
@@ -514,9 +700,16 @@ async fn release_parked(tx: &mut PgConnection, order_id: Uuid, applied: i64) -> 
         let order: OrderData = serde_json::from_value(event.data.clone())
             .map_err(|err| sqlx::Error::Decode(Box::new(err)))?;
         if apply(tx, &event, &order).await? {
-            released += 1;
+            released.push(event.event_id);
+        } else {
+            // Acted on before, somehow: the order is past it all the same.
+            sqlx::query("UPDATE order_progress SET applied = $2 WHERE order_id = $1")
+                .bind(order_id)
+                .bind(event.sequence)
+                .execute(&mut *tx)
+                .await?;
         }
-        applied = event.sequence;
+        progress.applied = event.sequence;
     }
 }
 
@@ -549,8 +742,19 @@ fn message(event_type: &str, order: &OrderData) -> String {
     }
 }
 
+/// The event id a delivery carries as its message id, if any.
+fn event_id(delivery: &Delivery) -> Option<Uuid> {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()?
+        .as_str()
+        .parse()
+        .ok()
+}
+
 /// Events of one aggregate always go to the same lane, so stay in order.
-fn lane_of(delivery: &Delivery) -> usize {
+fn lane_of(delivery: &Delivery, lanes: usize) -> usize {
     let aggregate = delivery
         .properties
         .headers()
@@ -565,7 +769,7 @@ fn lane_of(delivery: &Delivery) -> usize {
         Some(id) => id.hash(&mut hasher),
         None => delivery.delivery_tag.hash(&mut hasher),
     }
-    (hasher.finish() % LANES as u64) as usize
+    (hasher.finish() % lanes as u64) as usize
 }
 
 /// One row of `GET /notifications`.
@@ -671,4 +875,23 @@ pub async fn serve(
     let worker = consumer.run(shutdown.clone());
     let worker = crate::Worker::new("the consuming loop", worker, pool, amqp_url, metrics);
     worker.serve(listener, routes, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: crate::Settings,
+    }
+
+    #[test]
+    fn a_prefetch_below_one_is_refused_by_the_settings() {
+        let parse =
+            |prefetch: &str| Cli::try_parse_from(["outbox", "--consumer-prefetch", prefetch]);
+        assert!(parse("0").is_err(), "CONSUMER_PREFETCH=0 was accepted");
+        assert_eq!(parse("1").unwrap().settings.consumer_prefetch, 1);
+    }
 }

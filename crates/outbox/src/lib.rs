@@ -21,7 +21,9 @@
 //!
 //! [`chaos`] runs both paths through a TCP proxy that cuts the broker
 //! connection and counts what arrived. Try it:
-//! `cargo run -p lab -- chaos outbox --orders 2000`.
+//! `cargo run -p lab -- chaos outbox --orders 2000`. [`stages`] lets the
+//! relay and the consumer say when each event passed each step of its way,
+//! which `cargo run --release -p lab -- bench outbox` prints.
 
 pub mod chaos;
 pub mod consumer;
@@ -29,10 +31,10 @@ pub mod events;
 pub mod lease;
 pub mod orders;
 pub mod relay;
+pub mod stages;
 
 use clap::ValueEnum;
 use futures::future::BoxFuture;
-pub use lab_core::config::Switch;
 use lab_core::{ApiError, config::Listen, error::DependencyError};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -79,9 +81,11 @@ pub struct Settings {
         default_value = "lab.notifications"
     )]
     pub queue: String,
-    /// NOTIFY the relay when an event commits; `off` leaves it to the poll.
-    #[arg(long = "outbox-notify", env = "OUTBOX_NOTIFY", value_enum, default_value_t = Switch::On)]
-    pub notify: Switch,
+    /// How the relay hears of a commit: `on`, a NOTIFY the API sends after
+    /// its commits; `trigger`, one the outbox trigger sends inside each
+    /// transaction; `off`, none (the relay polls only).
+    #[arg(long = "outbox-notify", env = "OUTBOX_NOTIFY", value_enum, default_value_t = Notify::On)]
+    pub notify: Notify,
     /// At most this many events per relay batch (and publisher-confirm window); 1 or more.
     #[arg(
         long = "relay-batch-size",
@@ -120,13 +124,33 @@ pub struct Settings {
         default_value_t = 3600
     )]
     pub retention_secs: u64,
-    /// Unacknowledged messages the broker may push to the consumer at once.
+    /// Unacknowledged messages the broker may push to the consumer at once;
+    /// 1 or more. The default, 256, is the default lanes × batch size, so
+    /// that every lane can fill a batch; set it again when you change those.
     #[arg(
         long = "consumer-prefetch",
         env = "CONSUMER_PREFETCH",
-        default_value_t = 64
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u16).range(1..)
     )]
     pub consumer_prefetch: u16,
+    /// Transactions the consumer runs side by side (one order's events
+    /// always share one); 1 or more.
+    #[arg(
+        long = "consumer-lanes",
+        env = "CONSUMER_LANES",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub consumer_lanes: u16,
+    /// At most this many deliveries acted on in one consumer transaction; 1 or more.
+    #[arg(
+        long = "consumer-batch-size",
+        env = "CONSUMER_BATCH_SIZE",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub consumer_batch_size: u16,
     /// Deliveries of one message before it is dead-lettered.
     #[arg(
         long = "consumer-max-attempts",
@@ -163,6 +187,19 @@ impl Settings {
     pub fn listeners(&self) -> Vec<Listen> {
         vec![self.api(), self.relay(), self.consumer()]
     }
+}
+
+/// How the relay learns that events committed (see [`orders`]).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notify {
+    /// The API sends `NOTIFY outbox` after its commits, several commits to
+    /// one NOTIFY.
+    On,
+    /// The outbox trigger sends it inside every business transaction,
+    /// whose commit then holds a lock over the whole server until it is on disk.
+    Trigger,
+    /// No NOTIFY: the relay finds events at its next poll.
+    Off,
 }
 
 /// One part of the lab. Compose runs each in its own process; `lab up` runs

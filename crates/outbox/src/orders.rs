@@ -10,6 +10,28 @@
 //! consumer uses to apply one order's events in order, however the broker
 //! delivers them.
 //!
+//! **Waking the relay.** With `OUTBOX_NOTIFY=on` (the default) the API
+//! sends `NOTIFY outbox` itself, *after* its commits, from a task of its
+//! own: one NOTIFY for however many orders committed while the previous one
+//! was on its way. The obvious place, a trigger on the outbox insert
+//! (`OUTBOX_NOTIFY=trigger`, kept to be measured), puts the NOTIFY inside
+//! the business transaction, and Postgres serializes notifying commits: a
+//! transaction that has notified holds a server-wide lock (every database
+//! on it) from just before its commit until its commit record is on disk,
+//! so concurrent orders flush the WAL one after another instead of sharing
+//! a flush (group commit). `lab bench outbox` shows what that costs at 16 clients.
+//! The NOTIFY goes on a connection of the API's own, whose session does
+//! not wait for the disk at commit (`synchronous_commit = off`: the NOTIFY
+//! transaction would hold that lock through a WAL flush). When it fails
+//! (its connection broke: Postgres restarted, the session was ended), it is
+//! sent once more at once on a new connection (both tries within 2 s).
+//! The price of notifying after commit: an API that dies between its commit
+//! and its NOTIFY leaves the relay to find the event at its next poll, which
+//! is what a NOTIFY lost any other way (it is not durable) costs too.
+//! Also rejected: a short poll and no NOTIFY: it wakes the relay promptly
+//! only by querying all the time, and still adds half an interval to every
+//! event.
+//!
 //! `?delivery=dual-write` is the naive alternative, kept to be watched
 //! failing: commit the order, then publish straight to the broker. When the
 //! publish fails (broker down, connection cut, confirm never arriving) the
@@ -30,14 +52,14 @@ use lab_core::{Json, Path, Query, metrics::Metrics, openapi::ErrorBody};
 use lapin::{Channel, Connection, options::ConfirmSelectOptions};
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgPool, types::Json as Jsonb};
-use tokio::net::TcpListener;
+use sqlx::{PgConnection, PgPool, types::Json as Jsonb};
+use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use uuid::Uuid;
 
 use crate::{
-    Error, Result, Settings, Switch,
+    Error, Notify, Result, Settings,
     events::{self, Event, ORDER_CANCELLED, ORDER_CREATED},
     invalid, pg_error,
 };
@@ -150,6 +172,8 @@ pub struct Orders {
     pool: PgPool,
     dual_writer: Arc<DualWriter>,
     counters: Counters,
+    /// Set when the API, not a trigger, tells the relay about commits.
+    nudge: Option<Nudge>,
 }
 
 #[derive(Clone, Default)]
@@ -166,7 +190,9 @@ struct PathLabel {
 }
 
 impl Orders {
-    pub fn new(pool: PgPool, amqp_url: String, exchange: String, metrics: &Metrics) -> Self {
+    /// Orders on `pool`, waking the relay as `settings.notify` says, and
+    /// publishing the dual-write path's events to `settings.exchange`.
+    pub fn new(pool: PgPool, amqp_url: String, settings: &Settings, metrics: &Metrics) -> Self {
         let counters = Counters::default();
         metrics.register(
             "orders_committed",
@@ -178,10 +204,20 @@ impl Orders {
             "Events lost by the dual-write path: order committed, publish failed",
             counters.lost.clone(),
         );
+        let pool = pool_for_writes(&pool, settings.notify);
+        let nudge = (settings.notify == Notify::On).then(|| Nudge::spawn(pool.clone()));
         Self {
             pool,
-            dual_writer: Arc::new(DualWriter::new(amqp_url, exchange)),
+            dual_writer: Arc::new(DualWriter::new(amqp_url, settings.exchange.clone())),
             counters,
+            nudge,
+        }
+    }
+
+    /// Tells the relay (without waiting) that an event committed.
+    fn committed_an_event(&self) {
+        if let Some(nudge) = &self.nudge {
+            nudge.after_commit();
         }
     }
 
@@ -251,6 +287,9 @@ impl Orders {
             }
         }
         tx.commit().await.map_err(pg)?;
+        if delivery == Delivery::Outbox {
+            self.committed_an_event();
+        }
         self.counters
             .committed
             .get_or_create(&PathLabel {
@@ -317,6 +356,8 @@ impl Orders {
         tx.commit().await.map_err(pg)?;
         if dual_write {
             self.publish_directly(&event).await;
+        } else {
+            self.committed_an_event();
         }
         Ok(order)
     }
@@ -621,28 +662,94 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new("outbox_api");
-    let writes = pool_for_writes(&pool, settings.notify);
-    let orders = Orders::new(writes, amqp_url, settings.exchange.clone(), &metrics);
-    let router = lab_core::http::service_router(
-        routes(orders),
-        vec![lab_core::postgres::dependency(pool)],
-        metrics,
-    );
+    let orders = Orders::new(pool, amqp_url, &settings, &metrics);
+    // Readiness asks on the orders' own pool: one pool of connections for
+    // the API, not a second beside it.
+    let ready = lab_core::postgres::dependency(orders.pool.clone());
+    let router = lab_core::http::service_router(routes(orders), vec![ready], metrics);
     lab_core::http::serve(listener, router, shutdown).await?;
     Ok(())
 }
 
-/// With `OUTBOX_NOTIFY=off` the API's connections tell the outbox trigger
-/// not to NOTIFY (a session setting the trigger reads), and the relay finds
-/// new events by polling alone.
-pub fn pool_for_writes(pool: &PgPool, notify: Switch) -> PgPool {
+/// Unless the outbox's trigger is to NOTIFY (`OUTBOX_NOTIFY=trigger`), the
+/// API's connections tell it not to (a session setting the trigger reads):
+/// a pool of their own, which [`serve`] uses for readiness too.
+fn pool_for_writes(pool: &PgPool, notify: Notify) -> PgPool {
     match notify {
-        Switch::On => pool.clone(),
-        Switch::Off => {
+        Notify::Trigger => pool.clone(),
+        Notify::On | Notify::Off => {
             let options = (*pool.connect_options())
                 .clone()
                 .options([("outbox.notify", "off")]);
             lab_core::postgres::pool(options)
         }
     }
+}
+
+/// Wakes the relay after commits: one `NOTIFY outbox` at a time, and one
+/// more for whatever committed while it was on its way.
+#[derive(Clone)]
+struct Nudge(mpsc::Sender<()>);
+
+impl Nudge {
+    /// Starts the task that sends the NOTIFYs; it ends with the last
+    /// `Orders` clone.
+    fn spawn(pool: PgPool) -> Self {
+        let (tx, mut rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            // A connection of its own: a NOTIFY never waits behind the API's
+            // transactions for one.
+            let mut connection = None;
+            while rx.recv().await.is_some() {
+                let sent = tokio::time::timeout(NUDGE_TIMEOUT, notify(&pool, &mut connection));
+                if let Err(err) = sent.await.unwrap_or(Err(sqlx::Error::PoolTimedOut)) {
+                    // Twice failed, or timed out: the relay's poll finds
+                    // what this would have announced.
+                    tracing::warn!(%err, "NOTIFY outbox not sent");
+                    connection = None;
+                }
+            }
+        });
+        Self(tx)
+    }
+
+    /// A NOTIFY is already waiting to go: it covers this commit too.
+    fn after_commit(&self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+/// How long one NOTIFY may take, its second try included, before its
+/// connection is given up.
+const NUDGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Sends the NOTIFY on the open connection, and if that fails (Postgres
+/// restarted, or the session was ended), once more at once on a new one:
+/// otherwise the commits it announces would wait for the relay's poll, as
+/// nothing else may commit to send the next NOTIFY.
+async fn notify(pool: &PgPool, connection: &mut Option<PgConnection>) -> sqlx::Result<()> {
+    if let Some(open) = connection {
+        match send_notify(open).await {
+            Ok(()) => return Ok(()),
+            Err(err) => {
+                tracing::debug!(%err, "NOTIFY outbox failed; again on a new connection");
+                *connection = None;
+            }
+        }
+    }
+    let mut fresh = pool.acquire().await?.detach();
+    // A NOTIFY transaction holds Postgres's notify lock until its commit is
+    // flushed: this one need not wait for the disk (a lost NOTIFY costs a
+    // poll, and so does a Postgres crash), and so blocks no other committer.
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut fresh)
+        .await?;
+    send_notify(connection.insert(fresh)).await
+}
+
+async fn send_notify(connection: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify('outbox', '')")
+        .execute(connection)
+        .await
+        .map(drop)
 }

@@ -36,9 +36,16 @@
 //! leader wakes next to its successor, costs duplicates the consumer drops,
 //! never a lost event.
 //!
-//! The relay sleeps until a trigger's `NOTIFY outbox` says a row committed,
-//! or the poll interval passes (NOTIFY is not durable: one sent while the
-//! relay was reconnecting is gone, the poll catches what it missed).
+//! The relay sleeps until a `NOTIFY outbox` says rows committed (the API
+//! sends it after its commits, see [`crate::orders`]), or the poll interval
+//! passes (NOTIFY is not durable: one sent while the relay was reconnecting
+//! is gone, the poll catches what it missed).
+//!
+//! **Its commits do not wait for the disk** (`synchronous_commit = off` on
+//! its session). Marking rows published is the one write whose loss is
+//! harmless: a crash of Postgres that loses it makes the relay publish
+//! those rows again, duplicates the consumer drops. A durable mark would
+//! cost a WAL flush per batch, on the path of every event behind it.
 //!
 //! lapin does not reconnect by itself, so the relay owns that loop: a broker
 //! failure closes the connection, waits with backoff and connects again,
@@ -64,7 +71,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{Settings, events, lease::Lease};
+use crate::{
+    Settings, events,
+    lease::Lease,
+    stages::{Probe, Stage},
+};
 use lab_core::backoff::Backoff;
 
 /// How long to wait for the confirms of one batch before giving up on the
@@ -149,6 +160,7 @@ pub struct Relay {
     settings: Arc<Settings>,
     lease: Lease,
     state: Arc<RelayState>,
+    probe: Probe,
 }
 
 impl Relay {
@@ -179,7 +191,13 @@ impl Relay {
             lease: Lease::new(settings.relay_lease_ttl_ms),
             settings: Arc::new(settings),
             state,
+            probe: Probe::default(),
         }
+    }
+
+    /// Reports when each event is selected, published, confirmed, marked.
+    pub fn with_probe(self, probe: Probe) -> Self {
+        Self { probe, ..self }
     }
 
     pub fn state(&self) -> Arc<RelayState> {
@@ -218,6 +236,11 @@ impl Relay {
         // A connection of its own, outside the pool: the lock belongs to it.
         let mut lock = self.pool.acquire().await?.detach();
         self.lease.prepare(&mut lock).await?;
+        // A mark lost in a Postgres crash costs a duplicate the consumer
+        // drops, never an event: the relay's commits need not wait for the
+        // disk, nor wait their turn behind the API's WAL flushes.
+        let statement = sqlx::query("SET synchronous_commit = off").execute(&mut lock);
+        self.lease.bounded(statement).await?;
         let retry = Duration::from_millis(self.settings.relay_lease_retry_ms);
         while !self.lease.try_acquire(&mut lock).await? {
             tokio::select! {
@@ -307,6 +330,7 @@ impl Relay {
         // connected all the while. (A connection closed or reset shows here at
         // once; one that went silent shows when lapin's heartbeat fails.)
         let mut broker_events = std::pin::pin!(connection.events_listener());
+        let mut woke = Instant::now();
         loop {
             if !connection.status().connected() {
                 return Err(broker("the connection to RabbitMQ is closed"));
@@ -317,10 +341,12 @@ impl Relay {
             // (and a backlog of stale wake-ups would outlive the burst). One
             // arriving during the drain wakes the next round.
             while let Ok(Ok(_)) = tokio::time::timeout(Duration::ZERO, listener.recv()).await {}
-            while self.publish_batch(lock, channel).await?
+            while self.publish_batch(lock, channel, woke).await?
                 == self.settings.relay_batch_size as usize
                 && !shutdown.is_cancelled()
-            {}
+            {
+                woke = Instant::now();
+            }
             if last_cleanup.is_none_or(|at| at.elapsed() >= CLEANUP_EVERY) {
                 self.clean_up(lock).await?;
                 last_cleanup = Some(Instant::now());
@@ -335,6 +361,7 @@ impl Relay {
                 },
                 () = tokio::time::sleep(poll) => {}
             }
+            woke = Instant::now();
         }
     }
 
@@ -343,6 +370,7 @@ impl Relay {
         &self,
         lock: &mut PgConnection,
         channel: &Channel,
+        woke: Instant,
     ) -> Result<usize, RelayError> {
         let lease = self.lease;
         let mut tx = lease.bounded(sqlx::Connection::begin(&mut *lock)).await?;
@@ -357,6 +385,9 @@ impl Relay {
             lease.bounded(tx.commit()).await?;
             return Ok(0);
         }
+        let ids = || rows.iter().map(|row| row.1);
+        self.probe.stamp(Stage::Woke, woke, ids);
+        self.probe.stamp(Stage::Selected, Instant::now(), ids);
         // The broker may take its time: the lease is kept meanwhile, on the
         // batch's own transaction.
         let confirmations = lease.keep(&mut tx, self.publish(channel, &rows)).await??;
@@ -368,6 +399,8 @@ impl Relay {
             lease.bounded(mark).await?;
         }
         lease.bounded(tx.commit()).await?;
+        let marked = || rows[..confirmed.len()].iter().map(|row| row.1);
+        self.probe.stamp(Stage::Marked, Instant::now(), marked);
         self.state.published.inc_by(confirmed.len() as u64);
         self.state.batches.inc();
         match problem {
@@ -377,31 +410,52 @@ impl Relay {
     }
 
     /// Publishes every row, then waits for all their confirms: every
-    /// message is in flight at once.
+    /// message is in flight at once. Each publish is polled once, in id
+    /// order, before any is awaited: that first poll queues its frames, so
+    /// they leave in id order, and the batch waits for the connection to
+    /// write them once, not once per message (500 hand-offs to lapin's
+    /// writer, one after another, took longer than the broker's confirms).
     async fn publish(
         &self,
         channel: &Channel,
         rows: &[Row],
     ) -> Result<Vec<Confirmation>, RelayError> {
-        let mut confirms = Vec::with_capacity(rows.len());
-        for (_, event_id, aggregate_id, event_type, payload) in rows {
-            let confirm = events::publish(
-                channel,
-                &self.settings.exchange,
-                *event_id,
-                event_type,
-                *aggregate_id,
-                payload.as_bytes(),
-                true, // an unroutable event comes back rather than vanishing
-            )
-            .await
-            .map_err(broker)?;
-            confirms.push(confirm);
+        let mut sends: Vec<_> = rows
+            .iter()
+            .map(|(_, event_id, aggregate_id, event_type, payload)| {
+                futures::future::maybe_done(Box::pin(events::publish(
+                    channel,
+                    &self.settings.exchange,
+                    *event_id,
+                    event_type,
+                    *aggregate_id,
+                    payload.as_bytes(),
+                    true, // an unroutable event comes back rather than vanishing
+                )))
+            })
+            .collect();
+        for send in &mut sends {
+            let _ = futures::poll!(send);
         }
-        tokio::time::timeout(CONFIRM_TIMEOUT, futures::future::try_join_all(confirms))
-            .await
-            .map_err(|_| broker(format!("no publisher confirms within {CONFIRM_TIMEOUT:?}")))?
-            .map_err(broker)
+        futures::future::join_all(sends.iter_mut()).await;
+        let confirms = sends
+            .into_iter()
+            .map(|mut send| {
+                std::pin::Pin::new(&mut send)
+                    .take_output()
+                    .expect("every publish was awaited")
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(broker)?;
+        let ids = || rows.iter().map(|row| row.1);
+        self.probe.stamp(Stage::Published, Instant::now(), ids);
+        let confirmations =
+            tokio::time::timeout(CONFIRM_TIMEOUT, futures::future::try_join_all(confirms))
+                .await
+                .map_err(|_| broker(format!("no publisher confirms within {CONFIRM_TIMEOUT:?}")))?
+                .map_err(broker)?;
+        self.probe.stamp(Stage::Confirmed, Instant::now(), ids);
+        Ok(confirmations)
     }
 
     /// The ids of the confirmed prefix of `rows`, and what stopped it. Only
