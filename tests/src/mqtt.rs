@@ -57,7 +57,6 @@ impl PrivateBroker {
         let port = closed_port().await;
         let dir =
             std::env::temp_dir().join(format!("lab-mosquitto-{}", uuid::Uuid::now_v7().simple()));
-        data_dir(&dir);
         let mut broker = Self {
             port,
             dir,
@@ -68,52 +67,26 @@ impl PrivateBroker {
     }
 
     async fn spawn(&mut self) {
-        let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../deploy/mosquitto")
-            .canonicalize()
-            .unwrap();
-        let config = std::fs::read_to_string(deploy.join("mosquitto.conf")).unwrap();
-        assert!(config.contains("listener 1883\n") && config.contains("/mosquitto/config/"));
-        let config = config
-            .replace(
-                "listener 1883\n",
-                &format!("listener {} 127.0.0.1\n", self.port),
-            )
-            .replace("/mosquitto/config/", &format!("{}/", deploy.display()))
-            .replace(
-                "/mosquitto/data/",
-                &format!("{}/", self.dir.join("data").display()),
-            );
+        let mut lab_broker = telemetry::broker::LabBroker::new(&self.dir, self.port);
         // `snapshot()` waits for a save by its log line, at `information`.
-        let config = format!("{config}\nlog_type information\n");
-        let path = self.dir.join("mosquitto.conf");
-        std::fs::write(&path, config).unwrap();
+        lab_broker.extra = "log_type information\n".into();
+        let mut command = lab_broker
+            .command()
+            .unwrap_or_else(|err| panic!("cannot start mosquitto: {err}"));
         // Appended to: a restarted broker's log follows the killed one's.
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("mosquitto.log"))
             .unwrap();
-        let child = std::process::Command::new("mosquitto")
-            .arg("-c")
-            .arg(&path)
+        let child = command
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|err| {
-                panic!(
-                    "cannot start mosquitto ({err}): install it with `apt-get install mosquitto`"
-                )
-            });
+            .unwrap_or_else(|err| panic!("cannot start mosquitto: {err}"));
         self.child = Some(child);
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if telemetry::broker::listening(self.port, Duration::from_secs(5)).await {
+            return;
         }
         panic!(
             "the private mosquitto did not listen on {} within 5 s; its log:\n{}",
@@ -124,12 +97,9 @@ impl PrivateBroker {
 
     /// `mqtt://user:password@127.0.0.1:<port>` for one of the lab's logins.
     pub fn url(&self, user: &str) -> String {
-        let password = match user {
-            "ingest" => "ingest-secret",
-            "device" => "device-secret",
-            other => panic!("the lab's broker has no login {other:?}"),
-        };
-        format!("mqtt://{user}:{password}@127.0.0.1:{}", self.port)
+        telemetry::broker::LabBroker::new(&self.dir, self.port)
+            .url(user)
+            .unwrap_or_else(|| panic!("the lab's broker has no login {user:?}"))
     }
 
     pub fn anonymous_url(&self) -> String {
@@ -147,8 +117,9 @@ impl PrivateBroker {
     /// nothing persisted: every session, and every subscription, is gone.
     pub async fn restart_empty(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(self.dir.join("data"));
-        data_dir(&self.dir);
+        telemetry::broker::LabBroker::new(&self.dir, self.port)
+            .forget()
+            .unwrap();
         self.spawn().await;
     }
 
@@ -180,17 +151,6 @@ impl PrivateBroker {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }
-}
-
-/// The broker's data directory, writable by the broker. Started as root,
-/// Mosquitto drops to its own user before it saves anything: a directory
-/// only root may write leaves persistence off without a word but one log
-/// line per save ("Permission denied"), and every restart starts empty.
-fn data_dir(dir: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
 }
 
 impl Drop for PrivateBroker {

@@ -48,8 +48,9 @@ async fn outbox(args: OutboxArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.orders >= 2, "--orders must be at least 2");
     anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
     let stop = tokio_util::sync::CancellationToken::new();
-    let pool =
+    let scratch =
         crate::scratch::database(&args.postgres.database_url, "lab_chaos_outbox", &stop).await?;
+    let pool = scratch.pool.clone();
     // Its own exchange and queue: a running `lab up` sees none of this.
     let settings = outbox::Settings {
         exchange: "lab.chaos.events".into(),

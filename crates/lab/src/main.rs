@@ -9,9 +9,11 @@
 //! - `lab sim devices` runs a fleet of simulated thermostats.
 
 mod bench;
+mod broker;
 mod chaos;
 mod doctor;
 mod labs;
+mod plot;
 mod reset;
 mod scratch;
 mod sim;
@@ -41,6 +43,9 @@ enum Command {
     /// Measure a running lab.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Run the telemetry lab's own Mosquitto (its config, its logins) on a
+    /// port of its own, to stop, kill and restart.
+    Broker(broker::Broker),
     /// Break something on purpose and count what survived.
     #[command(subcommand)]
     Chaos(chaos::Chaos),
@@ -70,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up(up) => up::run(up).await,
         Command::Bench(bench) => bench.run().await,
+        Command::Broker(broker) => broker::run(broker).await,
         Command::Chaos(chaos) => chaos.run().await,
         Command::Doctor(doctor) => doctor::run(doctor).await,
         Command::Reset(reset) => reset::run(reset).await,

@@ -175,9 +175,10 @@ mod tests {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let url = lab_core::config::DEFAULT_DATABASE_URL;
         // Dropped and created afresh on every run, as experiments' are.
-        let pool = crate::scratch::database(url, "lab_reset_tables", &shutdown)
+        let scratch = crate::scratch::database(url, "lab_reset_tables", &shutdown)
             .await
             .unwrap();
+        let pool = scratch.pool.clone();
         let created: Vec<String> = sqlx::query_scalar(
             "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' \
              AND tablename <> '_sqlx_migrations' ORDER BY 1",

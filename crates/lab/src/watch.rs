@@ -13,7 +13,10 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::Value;
 
-use crate::labs::{Lab, LabSettings};
+use crate::{
+    labs::{Lab, LabSettings},
+    plot::Panel,
+};
 
 #[derive(Args)]
 pub struct Watch {
@@ -26,6 +29,9 @@ pub struct Watch {
     /// Stop after this many rows (runs until Ctrl-C when absent).
     #[arg(long, env = "LAB_WATCH_ROWS")]
     rows: Option<u64>,
+    /// When it stops, draw every column over time into this SVG file.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
     #[command(flatten)]
     labs: LabSettings,
 }
@@ -217,35 +223,79 @@ pub async fn run(watch: Watch) -> anyhow::Result<()> {
     }
     let mut ticker = tokio::time::interval(watch.every);
     ticker.tick().await;
+    let started = tokio::time::Instant::now();
+    let mut history: Vec<Vec<(f64, f64)>> = vec![Vec::new(); columns.len()];
     let mut rows = 0;
     while watch.rows.is_none_or(|limit| rows < limit) {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = tokio::signal::ctrl_c() => break,
         }
-        let now = read_all(&client, &columns).await?;
-        println!("{}", row(&columns, &before, &now, watch.every));
+        // A lab stopped or killed mid-watch (an exercise does that) is a
+        // row that says so, not the end of the watch and of its plot.
+        let now = match read_all(&client, &columns).await {
+            Ok(now) => now,
+            Err(err) => {
+                println!("{} {err:#}", chrono::Local::now().format("%H:%M:%S"));
+                vec![None; columns.len()]
+            }
+        };
+        let values = row(&columns, &before, &now, watch.every);
+        if now.iter().any(Option::is_some) {
+            println!("{}", format_row(&values));
+        }
+        let t = started.elapsed().as_secs_f64();
+        for (points, value) in history.iter_mut().zip(values) {
+            points.extend(value.map(|v| (t, v)));
+        }
         before = now;
         rows += 1;
+    }
+    if let Some(path) = &watch.plot {
+        let panels: Vec<Panel> = columns
+            .iter()
+            .zip(history)
+            .map(|(column, points)| Panel {
+                title: column.header.to_owned(),
+                unit: match column.kind {
+                    Kind::Rate => "per second".to_owned(),
+                    Kind::Level => column.header.to_owned(),
+                },
+                lines: vec![(column.header.to_owned(), points)],
+            })
+            .collect();
+        let title = format!("lab watch {}", watch.lab.name());
+        crate::plot::over_time(path, &title, &panels)?;
+        eprintln!("plot written to {}", path.display());
     }
     Ok(())
 }
 
 /// One row: each column's rate (per second over `every`) or level.
-fn row(columns: &[Column], before: &[Option<f64>], now: &[Option<f64>], every: Duration) -> String {
-    let cells: Vec<String> = columns
+fn row(
+    columns: &[Column],
+    before: &[Option<f64>],
+    now: &[Option<f64>],
+    every: Duration,
+) -> Vec<Option<f64>> {
+    columns
         .iter()
         .zip(before.iter().zip(now))
-        .map(|(column, pair)| {
-            let value = match (column.kind, pair) {
-                (Kind::Level, (_, Some(now))) => Some(*now),
-                (Kind::Rate, (Some(before), Some(now))) => {
-                    Some((now - before).max(0.0) / every.as_secs_f64())
-                }
-                _ => None,
-            };
-            value.map_or_else(|| format!("{:>12}", "-"), |v| format!("{v:>12.0}"))
+        .map(|(column, pair)| match (column.kind, pair) {
+            (Kind::Level, (_, Some(now))) => Some(*now),
+            (Kind::Rate, (Some(before), Some(now))) => {
+                Some((now - before).max(0.0) / every.as_secs_f64())
+            }
+            _ => None,
         })
+        .collect()
+}
+
+/// The row as printed: the time, then each value right-aligned.
+fn format_row(values: &[Option<f64>]) -> String {
+    let cells: Vec<String> = values
+        .iter()
+        .map(|value| value.map_or_else(|| format!("{:>12}", "-"), |v| format!("{v:>12.0}")))
         .collect();
     format!(
         "{} {}",
@@ -357,12 +407,12 @@ chat_connections 7
                 kind: Kind::Rate,
             },
         ];
-        let line = row(
+        let line = format_row(&row(
             &columns,
             &[Some(10.0), Some(1.0), None],
             &[Some(30.0), Some(5.0), Some(2.0)],
             Duration::from_secs(2),
-        );
+        ));
         let cells: Vec<&str> = line.split_whitespace().skip(1).collect();
         assert_eq!(cells, ["10", "5", "-"]);
     }

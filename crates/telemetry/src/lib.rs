@@ -26,9 +26,12 @@
 //!   people to read at `GET /rejects` (the `rejects` module).
 //!
 //! Try it: `cargo run -p lab -- up --only telemetry`, then
-//! `cargo run -p lab -- sim devices`, then <http://localhost:8084/>.
+//! `cargo run -p lab -- sim devices`, then <http://localhost:8084/>. The
+//! lab's own broker, to stop and kill, runs natively with
+//! `cargo run -p lab -- broker` ([`broker`]).
 
 pub mod api;
+pub mod broker;
 mod commands;
 pub mod device;
 mod inbox;

@@ -260,8 +260,10 @@ async fn leave(app: &App, eventloop: &mut EventLoop) {
         );
     } else if let Err(err) = end_session(&app.broker, &app.settings.client_id).await {
         tracing::warn!(%err, "could not end the session; the broker keeps it until it expires");
+    } else if app.settings.share_group.is_empty() {
+        tracing::info!("session ended");
     } else {
-        tracing::info!("left the share group; session ended");
+        tracing::info!(group = %app.settings.share_group, "left the share group; session ended");
     }
 }
 

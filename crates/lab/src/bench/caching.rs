@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{Load, Row, measure, plot, print_table, progress};
+use super::{Load, Row, measure, print_table, progress};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -215,7 +215,7 @@ fn report(args: &Args, rows: Vec<Row>, stampedes: Vec<Stampede>) -> anyhow::Resu
         );
     }
     if let Some(path) = &args.load.plot {
-        plot(path, "caching: profile read latency", &rows)?;
+        crate::plot::latency_by_concurrency(path, "caching: profile read latency", &rows)?;
         eprintln!("plot written to {}", path.display());
     }
     Ok(())

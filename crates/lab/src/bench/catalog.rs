@@ -70,7 +70,7 @@ use tokio::{
 };
 use tonic::transport::{Channel, Endpoint};
 
-use super::{Load, Row, measure, plot, progress};
+use super::{Load, Row, measure, progress};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -403,7 +403,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.load.plot {
         let plain: Vec<Row> = rows.iter().map(|m| m.row.clone()).collect();
-        plot(
+        crate::plot::latency_by_concurrency(
             path,
             "catalog: latency by transport and connections",
             &plain,

@@ -181,8 +181,9 @@ struct Report {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    let pool =
+    let scratch =
         crate::scratch::database(&args.postgres.database_url, "lab_bench_outbox", &stop).await?;
+    let pool = scratch.pool.clone();
     let settings = outbox::Settings {
         exchange: "lab.bench.events".into(),
         queue: "lab.bench.notifications".into(),

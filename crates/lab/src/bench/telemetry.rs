@@ -102,8 +102,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::net::TcpStream::connect((broker.host.as_str(), broker.port))
         .await
         .map_err(|err| anyhow::anyhow!(broker.describe(&err)))?;
-    let pool =
+    let scratch =
         crate::scratch::database(&args.postgres.database_url, "lab_bench_telemetry", &stop).await?;
+    let pool = scratch.pool.clone();
 
     let bar = super::phase_bar();
     let mut variants = Vec::new();
