@@ -7,6 +7,7 @@
 //! averages), warm-up is measured but thrown away, and errors are counted,
 //! never hidden.
 
+mod brokers;
 mod caching;
 mod catalog;
 mod chat;

@@ -10,6 +10,16 @@
 //! measured readings are known, and what did not arrive is loss.
 //! Ingest latency is from the device's timestamp to the row's `stored_at`
 //! (written just before commit); the subscriber's is to its receipt.
+//!
+//! The broker is the lab's own (`--broker lab`, the default): a Mosquitto
+//! this bench starts for each QoS from `deploy/mosquitto/` on a free port,
+//! with the lab's logins, ACL and queue of 100,000 per client, so the lab's
+//! settings are what is measured. `--broker shared` uses `MQTT_URL` (the
+//! machine's broker, with its defaults) under a topic prefix of its own.
+//! A reading that did not arrive was either dropped by the broker, which
+//! counts it in `$SYS/broker/publish/messages/dropped` (a queue full, for
+//! one of its clients), or lost on the way without the broker knowing: the
+//! report keeps the two apart.
 
 use std::{
     sync::{
@@ -33,7 +43,7 @@ use telemetry::{
 use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{micros, ratio};
+use super::{brokers::Brokers, micros, ratio};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -49,6 +59,10 @@ pub struct Args {
     /// How long each device reports, unmeasured, before its measured readings.
     #[arg(long, env = "LAB_BENCH_WARMUP", value_parser = humantime::parse_duration, default_value = "3s")]
     warmup: Duration,
+    /// `lab`: a Mosquitto of its own with the lab's config; `shared`:
+    /// the one at `MQTT_URL`.
+    #[arg(long, value_enum, default_value_t = BrokerKind::Lab)]
+    broker: BrokerKind,
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
@@ -58,12 +72,20 @@ pub struct Args {
     mqtt: MqttConfig,
 }
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum BrokerKind {
+    Lab,
+    Shared,
+}
+
 #[derive(Debug, Serialize)]
 struct Side {
     /// Measured readings that arrived (stored, for the ingest).
     arrived: u64,
     per_sec: f64,
-    lost: u64,
+    /// Measured readings that did not arrive.
+    missing: u64,
     p50_us: u64,
     p99_us: u64,
 }
@@ -77,10 +99,14 @@ struct Variant {
     ingest: Side,
     /// Readings the ingest dropped as already stored (QoS 1 redeliveries).
     duplicates: i64,
+    /// Messages the broker dropped meanwhile, for any of its clients
+    /// (`$SYS/broker/publish/messages/dropped`); `None` if it never said.
+    broker_dropped: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
+    broker: BrokerKind,
     devices: usize,
     rate_per_device: f64,
     offered_per_sec: f64,
@@ -98,10 +124,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    let broker = Broker::parse(&args.mqtt.mqtt_url)?;
-    tokio::net::TcpStream::connect((broker.host.as_str(), broker.port))
-        .await
-        .map_err(|err| anyhow::anyhow!(broker.describe(&err)))?;
+    if args.broker == BrokerKind::Shared {
+        let broker = Broker::parse(&args.mqtt.mqtt_url)?;
+        tokio::net::TcpStream::connect((broker.host.as_str(), broker.port))
+            .await
+            .map_err(|err| anyhow::anyhow!(broker.describe(&err)))?;
+    }
     let scratch =
         crate::scratch::database(&args.postgres.database_url, "lab_bench_telemetry", &stop).await?;
     let pool = scratch.pool.clone();
@@ -109,10 +137,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let bar = super::phase_bar();
     let mut variants = Vec::new();
     for qos in [0u8, 1] {
-        variants.push(measure(&args, qos, &pool, &broker, &bar).await?);
+        // A broker per QoS: each starts with no session and no backlog.
+        let brokers = match args.broker {
+            BrokerKind::Lab => Brokers::own(&format!("telemetry-qos{qos}")).await?,
+            BrokerKind::Shared => Brokers::shared(
+                &args.mqtt.mqtt_url,
+                format!("lab/bench/{}/qos{qos}/", std::process::id()),
+            )?,
+        };
+        variants.push(measure(&args, qos, &pool, &brokers, &bar).await?);
     }
     bar.finish_and_clear();
     let report = Report {
+        broker: args.broker,
         devices: args.devices,
         rate_per_device: args.rate,
         offered_per_sec: args.devices as f64 * args.rate,
@@ -123,43 +160,55 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn print(report: &Report) {
+    let broker = match report.broker {
+        BrokerKind::Lab => "the bench's own Mosquitto, the lab's config",
+        BrokerKind::Shared => "the shared broker at MQTT_URL",
+    };
     println!(
-        "{} devices × {} readings/s = {:.0} offered/s, {:.0} s measured per QoS",
+        "{} devices × {} readings/s = {:.0} offered/s, {:.0} s measured per QoS, on {broker}",
         report.devices, report.rate_per_device, report.offered_per_sec, report.duration_secs
     );
     println!(
-        "{:<4} {:<11} {:>9} {:>9} {:>8} {:>7} {:>10} {:>10} {:>6} {:>7}",
+        "{:<4} {:<11} {:>9} {:>9} {:>8} {:>8} {:>10} {:>10} {:>6} {:>8} {:>7}",
         "qos",
         "receiver",
         "published",
         "arrived",
         "msgs/s",
-        "lost",
+        "missing",
         "p50",
         "p99",
         "dups",
-        "msgs/s ×"
+        "msgs/s ×",
+        "dropped"
     );
     for v in &report.variants {
+        let dropped = v.broker_dropped.map_or("?".to_owned(), |d| d.to_string());
         for (name, side, dups) in [
             ("subscriber", &v.subscriber, "-".to_owned()),
             ("ingest", &v.ingest, v.duplicates.to_string()),
         ] {
             println!(
-                "{:<4} {:<11} {:>9} {:>9} {:>8.0} {:>7} {:>10} {:>10} {:>6} {:>7}",
+                "{:<4} {:<11} {:>9} {:>9} {:>8.0} {:>8} {:>10} {:>10} {:>6} {:>8} {:>7}",
                 v.qos,
                 name,
                 v.published,
                 side.arrived,
                 side.per_sec,
-                side.lost,
+                side.missing,
                 micros(side.p50_us),
                 micros(side.p99_us),
                 dups,
                 ratio(side.per_sec, v.subscriber.per_sec),
+                dropped,
             );
         }
     }
+    println!(
+        "missing: measured readings that never arrived at that receiver; dropped: messages the \
+         broker counted as dropped meanwhile ($SYS/broker/publish/messages/dropped, all its \
+         clients: a full queue); ? when it did not say"
+    );
 }
 
 /// Which seqs each device sends: a warm-up, then the measured readings.
@@ -190,7 +239,7 @@ async fn measure(
     args: &Args,
     qos: u8,
     pool: &PgPool,
-    broker: &Broker,
+    brokers: &Brokers,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Variant> {
     let stop = CancellationToken::new();
@@ -198,21 +247,22 @@ async fn measure(
     sqlx::query("TRUNCATE readings, devices, rejects, alerts")
         .execute(pool)
         .await?;
-    let prefix = format!("lab/bench/{}/qos{qos}/", std::process::id());
-    let topics = Topics::new(&prefix);
+    let topics = Topics::new(&brokers.prefix);
     let seqs = Seqs::new(args);
-    let (ingest, ingest_url) = start_ingest(args, qos, pool, &prefix, &stop).await?;
+    let (ingest, ingest_url) = start_ingest(qos, pool, brokers, &stop).await?;
 
     // The bare subscriber: what the broker delivers with nothing behind it.
     let subscriber = Subscriber::start(
-        broker,
+        &brokers.readers,
         &topics,
         qos,
         seqs.first_measured(),
         seqs.last_measured(),
     )
     .await?;
-    run_fleet(args, qos, broker, &topics, seqs, &stop, bar).await;
+    bar.set_message(format!("QoS {qos}: reading the broker's $SYS"));
+    let dropped_before = brokers.dropped().await;
+    run_fleet(args, qos, &brokers.devices, &topics, seqs, &stop, bar).await;
 
     bar.set_message(format!("QoS {qos}: draining"));
     let expected = args.devices as i64 * seqs.measured;
@@ -224,6 +274,7 @@ async fn measure(
     let duplicates = super::metric(&ingest_url, "telemetry_duplicates_total")
         .await
         .unwrap_or(0.0) as i64;
+    let dropped_after = brokers.dropped().await;
     stop.cancel();
     ingest.await??;
     Ok(Variant {
@@ -232,22 +283,24 @@ async fn measure(
         subscriber: sub,
         ingest: ingest_side,
         duplicates,
+        broker_dropped: dropped_after
+            .zip(dropped_before)
+            .map(|(after, before)| after.saturating_sub(before)),
     })
 }
 
 /// The ingest, in this process, on a port of its own; returns its task
 /// and its base URL once it is ready.
 async fn start_ingest(
-    args: &Args,
     qos: u8,
     pool: &PgPool,
-    prefix: &str,
+    brokers: &Brokers,
     stop: &CancellationToken,
 ) -> anyhow::Result<(JoinHandle<anyhow::Result<()>>, String)> {
     let settings = telemetry::Settings {
         http_addr: "127.0.0.1:0".into(),
         client_id: format!("lab-bench-ingest-{}-{qos}", std::process::id()),
-        topic_prefix: prefix.to_owned(),
+        topic_prefix: brokers.prefix.clone(),
         qos,
         // A session that outlives nothing: each run starts clean.
         session_expiry_secs: 60,
@@ -256,7 +309,7 @@ async fn start_ingest(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let ingest_url = format!("http://{}", listener.local_addr()?);
     let ingest = tokio::spawn({
-        let (pool, url, stop) = (pool.clone(), args.mqtt.mqtt_url.clone(), stop.clone());
+        let (pool, url, stop) = (pool.clone(), brokers.ingest_url.clone(), stop.clone());
         async move { telemetry::serve(listener, pool, &url, settings, stop).await }
     });
     super::wait_ready(&ingest_url).await?;
@@ -364,7 +417,7 @@ async fn stored(
     Ok(Side {
         arrived: arrived as u64,
         per_sec: arrived as f64 / span.max(duration.as_secs_f64() * 0.5),
-        lost: published.saturating_sub(arrived as u64),
+        missing: published.saturating_sub(arrived as u64),
         p50_us: us(p50),
         p99_us: us(p99),
     })
@@ -472,7 +525,7 @@ impl Subscriber {
         Side {
             arrived,
             per_sec: arrived as f64 / span.max(duration.as_secs_f64() * 0.5),
-            lost: published.saturating_sub(arrived),
+            missing: published.saturating_sub(arrived),
             p50_us: latency.value_at_quantile(0.5),
             p99_us: latency.value_at_quantile(0.99),
         }
