@@ -747,21 +747,28 @@ async fn a_relay_batch_size_below_one_is_refused_at_start(pool: PgPool) {
         relay_batch_size: 0,
         ..topology.settings.clone()
     };
+    let serve = |listener| outbox::relay::serve(listener, pool, amqp_url(), settings, stopped());
+    refused_at_start("the relay", serve, "RELAY_BATCH_SIZE").await;
+}
+
+/// A token nobody cancels: the part under test is to stop by itself.
+fn stopped() -> tokio_util::sync::CancellationToken {
+    tokio_util::sync::CancellationToken::new()
+}
+
+/// Starts a part of the lab on a free port and expects it to refuse at
+/// once, with an error that names `variable`.
+async fn refused_at_start<F, Fut>(part: &str, start: F, variable: &str)
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let started = tokio::time::timeout(
-        Duration::from_secs(10),
-        outbox::relay::serve(
-            listener,
-            pool,
-            amqp_url(),
-            settings,
-            tokio_util::sync::CancellationToken::new(),
-        ),
-    )
-    .await
-    .expect("the relay must refuse at once, not run");
-    let err = started.expect_err("a batch size of 0 must be refused");
-    assert!(format!("{err:#}").contains("RELAY_BATCH_SIZE"), "{err:#}");
+    let started = tokio::time::timeout(Duration::from_secs(10), start(listener))
+        .await
+        .unwrap_or_else(|_| panic!("{part} must refuse at once, not run"));
+    let err = started.expect_err("a setting out of range must be refused");
+    assert!(format!("{err:#}").contains(variable), "{part}: {err:#}");
 }
 
 /// Settings for relays that fail over quickly: a two-second lease.
@@ -1530,21 +1537,8 @@ async fn a_consumer_prefetch_below_one_is_refused_at_start(pool: PgPool) {
         consumer_prefetch: 0,
         ..topology.settings.clone()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let started = tokio::time::timeout(
-        Duration::from_secs(10),
-        outbox::consumer::serve(
-            listener,
-            pool,
-            amqp_url(),
-            settings,
-            tokio_util::sync::CancellationToken::new(),
-        ),
-    )
-    .await
-    .expect("the consumer must refuse at once, not run");
-    let err = started.expect_err("a prefetch of 0 must be refused");
-    assert!(format!("{err:#}").contains("CONSUMER_PREFETCH"), "{err:#}");
+    let serve = |listener| outbox::consumer::serve(listener, pool, amqp_url(), settings, stopped());
+    refused_at_start("the consumer", serve, "CONSUMER_PREFETCH").await;
 }
 
 /// The stage stamped at the consumer's commit ("consumed") means applied:
