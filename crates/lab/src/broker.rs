@@ -4,7 +4,7 @@
 //! The machine's Mosquitto on 1883 serves every lab and every test, and
 //! runs with a package's defaults. This one runs the lab's configuration
 //! (`deploy/mosquitto/mosquitto.conf`, as compose does: logins, ACL, a
-//! queue of 100,000 per client, a snapshot every second) on a port of its
+//! queue of 100,000 per client, a snapshot every 2 s) on a port of its
 //! own, so it can be broken without breaking anything else. Ctrl-C stops it
 //! cleanly (it saves its sessions first); `kill -9` on the `mosquitto` it
 //! names is the crash; `--persistence off` or `--fresh` starts it with no

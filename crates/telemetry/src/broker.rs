@@ -3,7 +3,7 @@
 //! `docker-compose.yml` mounts `deploy/mosquitto/` into the broker's
 //! container; on a machine without Docker the same files, rewritten for a
 //! directory and a port of their own, start the same broker: logins, ACL,
-//! the raised queue, persistence every second. `lab broker` runs it for the
+//! the raised queue, a snapshot every 2 s. `lab broker` runs it for the
 //! workshop's broker exercises (a broker to stop, kill, or restart without
 //! persistence), and the telemetry tests run one of their own per test.
 //!
