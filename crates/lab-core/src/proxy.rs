@@ -3,11 +3,20 @@
 //! and its broker or database without touching the shared server, which other
 //! tests and other people are using.
 //!
-//! Three faults, each a real network's: `cut` closes every connection (a
+//! Five faults, each a real network's: `cut` closes every connection (a
 //! restarted server), `silence` stops every open connection's bytes for good
-//! without a word (a dropped NAT entry), and `hold` stops them until
-//! `release` delivers them late (a congested or partitioned link that heals:
-//! a command the client gave up on still arrives).
+//! without a word (a dropped NAT entry), `hold` stops them until `release`
+//! delivers them late (a congested or partitioned link that heals: a command
+//! the client gave up on still arrives), `delay` adds latency to every byte
+//! (a far-away or overloaded link: a timeout has something to do), and
+//! `throttle` caps each direction's bandwidth (a thin link: a backlog
+//! builds).
+//!
+//! Each direction of a connection is a reader and a writer joined by a
+//! short queue of chunks stamped with the instant they were read. The
+//! writer waits until a chunk's stamp plus the latency, so a delay does not
+//! cap throughput (chunks in flight overlap, as packets on a long link do);
+//! a full queue stops the reader, so the sender feels backpressure.
 
 use std::{
     net::SocketAddr,
@@ -15,13 +24,32 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream, tcp::OwnedReadHalf, tcp::OwnedWriteHalf},
-    sync::watch,
+    sync::{mpsc, watch},
+    time::Instant,
 };
+
+/// How the link behaves when it is up: latency and bandwidth.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Shape {
+    /// Added to every byte, in each direction.
+    latency: Duration,
+    /// Bytes per second, per connection and direction; `None`: no cap.
+    bytes_per_sec: Option<u64>,
+}
+
+/// One direction's end points and switches, handed to [`pump`].
+struct Direction {
+    from: OwnedReadHalf,
+    to: OwnedWriteHalf,
+    paused: watch::Receiver<bool>,
+    shape: watch::Receiver<Shape>,
+}
 
 pub struct Proxy {
     pub addr: SocketAddr,
@@ -30,6 +58,7 @@ pub struct Proxy {
     silences: watch::Sender<u64>,
     /// One pause switch per open connection, for `hold` and `release`.
     pauses: Arc<Mutex<Vec<watch::Sender<bool>>>>,
+    shape: watch::Sender<Shape>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -42,6 +71,7 @@ impl Proxy {
         let (cuts, _) = watch::channel(0u64);
         let (silences, _) = watch::channel(0u64);
         let pauses: Arc<Mutex<Vec<watch::Sender<bool>>>> = Arc::default();
+        let (shape, _) = watch::channel(Shape::default());
         let task = tokio::spawn({
             let (up, cuts, silences, pauses, target) = (
                 up.clone(),
@@ -50,6 +80,7 @@ impl Proxy {
                 pauses.clone(),
                 target.to_owned(),
             );
+            let shape = shape.clone();
             async move {
                 while let Ok((client, _)) = listener.accept().await {
                     if !up.load(Ordering::SeqCst) {
@@ -60,6 +91,7 @@ impl Proxy {
                     let (pause, paused) = watch::channel(false);
                     pauses.lock().expect("pauses lock").push(pause);
                     let target = target.clone();
+                    let shape = shape.subscribe();
                     tokio::spawn(async move {
                         let Ok(server) = TcpStream::connect(&target).await else {
                             return;
@@ -68,8 +100,18 @@ impl Proxy {
                         let _ = server.set_nodelay(true);
                         let (client_read, client_write) = client.into_split();
                         let (server_read, server_write) = server.into_split();
-                        let up = pump(client_read, server_write, paused.clone());
-                        let down = pump(server_read, client_write, paused);
+                        let up = pump(Direction {
+                            from: client_read,
+                            to: server_write,
+                            paused: paused.clone(),
+                            shape: shape.clone(),
+                        });
+                        let down = pump(Direction {
+                            from: server_read,
+                            to: client_write,
+                            paused,
+                            shape,
+                        });
                         // The pumps own the sockets: pinned here, they live
                         // (and keep the sockets open) until this task ends.
                         let pumps = async { tokio::join!(up, down) };
@@ -93,8 +135,23 @@ impl Proxy {
             cuts,
             silences,
             pauses,
+            shape,
             task,
         })
+    }
+
+    /// Adds `latency` to every byte in each direction, of open and new
+    /// connections alike (so a request and its answer take twice as long);
+    /// `Duration::ZERO` takes it away. `restore` leaves it as it is.
+    pub fn delay(&self, latency: Duration) {
+        self.shape.send_modify(|shape| shape.latency = latency);
+    }
+
+    /// Caps each connection's bandwidth, in each direction, at
+    /// `bytes_per_sec`; `None` lifts the cap. `restore` leaves it as it is.
+    pub fn throttle(&self, bytes_per_sec: Option<u64>) {
+        self.shape
+            .send_modify(|shape| shape.bytes_per_sec = bytes_per_sec.map(|b| b.max(1)));
     }
 
     /// Stops every open connection's bytes, in both directions, without
@@ -139,24 +196,65 @@ impl Proxy {
 }
 
 /// Copies one direction of a connection, waiting while it is paused. What
-/// was read before a pause is written after it: held, never lost.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut paused: watch::Receiver<bool>) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        while *paused.borrow_and_update() {
-            if paused.changed().await.is_err() {
+/// was read before a pause is written after it: held, never lost. Both
+/// halves run inside this future, so a connection that is not polled (a
+/// silence) moves nothing at all.
+async fn pump(direction: Direction) {
+    let Direction {
+        mut from,
+        mut to,
+        mut paused,
+        shape,
+    } = direction;
+    let (chunks, mut queued) = mpsc::channel::<(Instant, Vec<u8>)>(64);
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if chunks
+                .send((Instant::now(), buf[..n].to_vec()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((read_at, chunk)) = queued.recv().await {
+            let latency = shape.borrow().latency;
+            tokio::time::sleep_until(read_at + latency).await;
+            while *paused.borrow_and_update() {
+                if paused.changed().await.is_err() {
+                    return;
+                }
+            }
+            if write_shaped(&mut to, &chunk, &shape).await.is_err() {
                 return;
             }
         }
-        if to.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
+}
+
+/// Writes `chunk`, in slices paced to the bandwidth cap when there is one.
+async fn write_shaped(
+    to: &mut OwnedWriteHalf,
+    chunk: &[u8],
+    shape: &watch::Receiver<Shape>,
+) -> std::io::Result<()> {
+    let mut rest = chunk;
+    while !rest.is_empty() {
+        let Some(rate) = shape.borrow().bytes_per_sec else {
+            return to.write_all(rest).await;
+        };
+        // Fifty slices a second, at least a kilobyte each.
+        let slice = ((rate / 50).max(1024) as usize).min(rest.len());
+        to.write_all(&rest[..slice]).await?;
+        rest = &rest[slice..];
+        tokio::time::sleep(Duration::from_secs_f64(slice as f64 / rate as f64)).await;
     }
-    let _ = to.shutdown().await;
+    Ok(())
 }
 
 impl Drop for Proxy {
@@ -225,6 +323,64 @@ mod tests {
             read.is_err(),
             "the connection must stay open, not close: {read:?}"
         );
+    }
+
+    /// A delayed link delivers every byte, late and in order, and goes
+    /// back to normal when the delay is taken away.
+    #[tokio::test]
+    async fn a_delayed_connection_delivers_late_but_whole_and_in_order() {
+        let (proxy, mut client) = echo_through_proxy().await;
+        assert!(echo(&mut client, b"one").await.is_some());
+        // 400 ms each way: the echo's 500 ms wait sees nothing.
+        proxy.delay(Duration::from_millis(400));
+        assert_eq!(echo(&mut client, b"two!").await, None, "delayed");
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(3), client.read_exact(&mut buf))
+            .await
+            .expect("delivered after the delay")
+            .unwrap();
+        assert_eq!(&buf, b"two!");
+        proxy.delay(Duration::ZERO);
+        assert_eq!(
+            echo(&mut client, b"three").await.as_deref(),
+            Some(&b"three"[..])
+        );
+    }
+
+    /// A throttled link delivers everything, in order, at its pace: 32 KiB
+    /// through 16 KiB/s each way is not back within half a second.
+    #[tokio::test]
+    async fn a_throttled_connection_delivers_everything_in_order() {
+        let (proxy, client) = echo_through_proxy().await;
+        proxy.throttle(Some(16 * 1024));
+        let sent: Vec<u8> = (0..32 * 1024).map(|i| (i % 251) as u8).collect();
+        let (mut read, mut write) = client.into_split();
+        let writing = tokio::spawn({
+            let sent = sent.clone();
+            async move { write.write_all(&sent).await.map(|_| write) }
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let started = tokio::time::Instant::now();
+        let mut early = None;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while got.len() < sent.len() {
+                let n = read.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed early");
+                got.extend_from_slice(&buf[..n]);
+                if early.is_none() && started.elapsed() >= Duration::from_millis(500) {
+                    early = Some(got.len());
+                }
+            }
+        })
+        .await
+        .expect("everything delivered within 10 s");
+        writing.await.unwrap().unwrap();
+        assert!(
+            early.is_some_and(|n| n < sent.len()),
+            "32 KiB came back within 0.5 s at 16 KiB/s"
+        );
+        assert_eq!(got, sent, "bytes lost or reordered");
     }
 
     /// Held bytes are delivered late, not lost.
