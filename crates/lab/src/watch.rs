@@ -17,6 +17,8 @@ use crate::{
     labs::{Lab, LabSettings},
     plot::Panel,
 };
+use Kind::{Level, Rate};
+use Read::{Json, Metric};
 
 #[derive(Args)]
 pub struct Watch {
@@ -58,131 +60,17 @@ struct Column {
     kind: Kind,
 }
 
-/// One column as written in the table below: header, which of the lab's
-/// listeners, path, what to read there, rate or level.
+/// One column as each lab's function below writes it: header, which of
+/// the lab's listeners, path, what to read there, rate or level.
 type Spec = (&'static str, usize, &'static str, Read, Kind);
 
 fn columns(lab: Lab, settings: &LabSettings) -> Vec<Column> {
-    use Kind::{Level, Rate};
-    use Read::{Json, Metric};
-    let (addrs, specs): (Vec<&String>, Vec<Spec>) = match lab {
-        Lab::Catalog => (
-            vec![&settings.catalog.http_addr],
-            vec![(
-                "requests/s",
-                0,
-                "/metrics",
-                Metric("catalog_http_requests"),
-                Rate,
-            )],
-        ),
-        Lab::Caching => (
-            vec![&settings.caching.http_addr],
-            vec![
-                ("hits/s", 0, "/stats", Json("/cache/hits"), Rate),
-                ("misses/s", 0, "/stats", Json("/cache/misses"), Rate),
-                ("bypass/s", 0, "/stats", Json("/cache/bypasses"), Rate),
-                ("pg reads/s", 0, "/stats", Json("/postgres/reads"), Rate),
-                (
-                    "flushed/s",
-                    0,
-                    "/stats",
-                    Json("/write_behind/flushed_views"),
-                    Rate,
-                ),
-                ("pending", 0, "/stats", Json("/write_behind/pending"), Level),
-                ("lag ms", 0, "/stats", Json("/write_behind/lag_ms"), Level),
-            ],
-        ),
-        Lab::Outbox => (
-            vec![
-                &settings.outbox.http_addr,
-                &settings.outbox.relay_addr,
-                &settings.outbox.consumer_addr,
-            ],
-            vec![
-                (
-                    "orders/s",
-                    0,
-                    "/metrics",
-                    Metric("outbox_api_orders_committed"),
-                    Rate,
-                ),
-                ("pending", 0, "/outbox/stats", Json("/pending"), Level),
-                (
-                    "published/s",
-                    1,
-                    "/metrics",
-                    Metric("outbox_relay_published"),
-                    Rate,
-                ),
-                ("handled/s", 2, "/stats", Json("/handled"), Rate),
-                ("dup/s", 2, "/stats", Json("/duplicates_suppressed"), Rate),
-                ("dead/s", 2, "/stats", Json("/dead_lettered"), Rate),
-            ],
-        ),
-        Lab::Chat => (
-            vec![&settings.chat.http_addr],
-            vec![
-                (
-                    "connections",
-                    0,
-                    "/metrics",
-                    Metric("chat_connections"),
-                    Level,
-                ),
-                ("said/s", 0, "/metrics", Metric("chat_messages_said"), Rate),
-                (
-                    "delivered/s",
-                    0,
-                    "/metrics",
-                    Metric("chat_deliveries"),
-                    Rate,
-                ),
-                (
-                    "slow cut/s",
-                    0,
-                    "/metrics",
-                    Metric("chat_slow_disconnects"),
-                    Rate,
-                ),
-                (
-                    "rejected/s",
-                    0,
-                    "/metrics",
-                    Metric("chat_frames_rejected"),
-                    Rate,
-                ),
-            ],
-        ),
-        Lab::Telemetry => (
-            vec![&settings.telemetry.http_addr],
-            vec![
-                (
-                    "received/s",
-                    0,
-                    "/metrics",
-                    Metric("telemetry_messages_received"),
-                    Rate,
-                ),
-                (
-                    "stored/s",
-                    0,
-                    "/metrics",
-                    Metric("telemetry_readings_stored"),
-                    Rate,
-                ),
-                ("dup/s", 0, "/metrics", Metric("telemetry_duplicates"), Rate),
-                (
-                    "rejected/s",
-                    0,
-                    "/metrics",
-                    Metric("telemetry_rejected"),
-                    Rate,
-                ),
-                ("inbox", 0, "/metrics", Metric("telemetry_inbox"), Level),
-            ],
-        ),
+    let (addrs, specs) = match lab {
+        Lab::Catalog => catalog(settings),
+        Lab::Caching => caching(settings),
+        Lab::Outbox => outbox(settings),
+        Lab::Chat => chat(settings),
+        Lab::Telemetry => telemetry(settings),
     };
     specs
         .into_iter()
@@ -196,6 +84,143 @@ fn columns(lab: Lab, settings: &LabSettings) -> Vec<Column> {
             kind,
         })
         .collect()
+}
+
+/// The catalog lab's columns.
+fn catalog(settings: &LabSettings) -> (Vec<&String>, Vec<Spec>) {
+    (
+        vec![&settings.catalog.http_addr],
+        vec![(
+            "requests/s",
+            0,
+            "/metrics",
+            Metric("catalog_http_requests"),
+            Rate,
+        )],
+    )
+}
+
+/// The caching lab's columns.
+fn caching(settings: &LabSettings) -> (Vec<&String>, Vec<Spec>) {
+    (
+        vec![&settings.caching.http_addr],
+        vec![
+            ("hits/s", 0, "/stats", Json("/cache/hits"), Rate),
+            ("misses/s", 0, "/stats", Json("/cache/misses"), Rate),
+            ("bypass/s", 0, "/stats", Json("/cache/bypasses"), Rate),
+            ("pg reads/s", 0, "/stats", Json("/postgres/reads"), Rate),
+            (
+                "flushed/s",
+                0,
+                "/stats",
+                Json("/write_behind/flushed_views"),
+                Rate,
+            ),
+            ("pending", 0, "/stats", Json("/write_behind/pending"), Level),
+            ("lag ms", 0, "/stats", Json("/write_behind/lag_ms"), Level),
+        ],
+    )
+}
+
+/// The outbox lab's columns.
+fn outbox(settings: &LabSettings) -> (Vec<&String>, Vec<Spec>) {
+    (
+        vec![
+            &settings.outbox.http_addr,
+            &settings.outbox.relay_addr,
+            &settings.outbox.consumer_addr,
+        ],
+        vec![
+            (
+                "orders/s",
+                0,
+                "/metrics",
+                Metric("outbox_api_orders_committed"),
+                Rate,
+            ),
+            ("pending", 0, "/outbox/stats", Json("/pending"), Level),
+            (
+                "published/s",
+                1,
+                "/metrics",
+                Metric("outbox_relay_published"),
+                Rate,
+            ),
+            ("handled/s", 2, "/stats", Json("/handled"), Rate),
+            ("dup/s", 2, "/stats", Json("/duplicates_suppressed"), Rate),
+            ("dead/s", 2, "/stats", Json("/dead_lettered"), Rate),
+        ],
+    )
+}
+
+/// The chat lab's columns.
+fn chat(settings: &LabSettings) -> (Vec<&String>, Vec<Spec>) {
+    (
+        vec![&settings.chat.http_addr],
+        vec![
+            (
+                "connections",
+                0,
+                "/metrics",
+                Metric("chat_connections"),
+                Level,
+            ),
+            ("said/s", 0, "/metrics", Metric("chat_messages_said"), Rate),
+            (
+                "delivered/s",
+                0,
+                "/metrics",
+                Metric("chat_deliveries"),
+                Rate,
+            ),
+            (
+                "slow cut/s",
+                0,
+                "/metrics",
+                Metric("chat_slow_disconnects"),
+                Rate,
+            ),
+            (
+                "rejected/s",
+                0,
+                "/metrics",
+                Metric("chat_frames_rejected"),
+                Rate,
+            ),
+        ],
+    )
+}
+
+/// The telemetry lab's columns.
+fn telemetry(settings: &LabSettings) -> (Vec<&String>, Vec<Spec>) {
+    (
+        vec![&settings.telemetry.http_addr],
+        vec![
+            (
+                "received/s",
+                0,
+                "/metrics",
+                Metric("telemetry_messages_received"),
+                Rate,
+            ),
+            (
+                "stored/s",
+                0,
+                "/metrics",
+                Metric("telemetry_readings_stored"),
+                Rate,
+            ),
+            ("dup/s", 0, "/metrics", Metric("telemetry_duplicates"), Rate),
+            (
+                "rejected/s",
+                0,
+                "/metrics",
+                Metric("telemetry_rejected"),
+                Rate,
+            ),
+            ("inbox", 0, "/metrics", Metric("telemetry_inbox"), Level),
+        ],
+    )
 }
 
 pub async fn run(watch: Watch) -> anyhow::Result<()> {
