@@ -1228,21 +1228,26 @@ async fn a_commit_wakes_the_relay_by_the_apis_notify_or_the_triggers(pool: PgPoo
     consumer.stop().await.unwrap();
 }
 
-#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
-async fn an_event_failing_in_a_batch_is_requeued_alone_and_the_rest_commit(pool: PgPool) {
-    const ORDERS: i64 = 40;
+/// A topology whose consumer has one lane of batches of up to 64, so that
+/// events queued together share a transaction; its queue is declared (a
+/// consumer started and stopped), so events wait in it until one runs.
+async fn one_lane_of_batches(pool: &PgPool, amqp: &str) -> OutboxTopology {
     let mut topology = OutboxTopology::new();
-    // One lane, batches of up to 64: the failing event shares a transaction.
     topology.settings.consumer_lanes = 1;
     topology.settings.consumer_batch_size = 64;
-    let amqp = amqp_url();
-    // The queue exists, and the events wait in it for a consumer that takes
-    // them many at a time.
-    start_consumer(&pool, &amqp, &topology)
+    start_consumer(pool, amqp, &topology)
         .await
         .stop()
         .await
         .unwrap();
+    topology
+}
+
+#[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
+async fn an_event_failing_in_a_batch_is_requeued_alone_and_the_rest_commit(pool: PgPool) {
+    const ORDERS: i64 = 40;
+    let amqp = amqp_url();
+    let topology = one_lane_of_batches(&pool, &amqp).await;
     let api = Service::api(pool.clone(), &amqp, &topology.settings).await;
     let relay = Service::relay(pool.clone(), &amqp, &topology.settings).await;
     let mut ids = Vec::new();
@@ -1437,16 +1442,8 @@ async fn dead_letters(channel: &lapin::Channel, queue: &str) -> u32 {
 #[sqlx::test(migrator = "lab_core::postgres::MIGRATOR")]
 async fn an_event_failing_at_commit_costs_its_own_attempts_not_its_neighbours(pool: PgPool) {
     const ORDERS: usize = 12;
-    let mut topology = OutboxTopology::new();
-    topology.settings.consumer_lanes = 1;
-    topology.settings.consumer_batch_size = 64;
     let amqp = amqp_url();
-    // The queue exists; the events wait in it, to be taken many at a time.
-    start_consumer(&pool, &amqp, &topology)
-        .await
-        .stop()
-        .await
-        .unwrap();
+    let topology = one_lane_of_batches(&pool, &amqp).await;
     sqlx::raw_sql(
         "CREATE TABLE culprit (order_id uuid PRIMARY KEY); \
          CREATE SEQUENCE culprit_batch; \
